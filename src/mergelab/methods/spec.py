@@ -1,0 +1,166 @@
+"""The contract between the engine and a merge method.
+
+A method is a pure function over the tensors of one parameter name (``MethodCall`` in, tensor out), plus a
+declaration of its parameters (``Param``) from which the recipe loader validates names, types and ranges.
+The engine resolves per-layer gradients and filters before the call, so a method sees plain values: shared
+parameters as scalars, per-model parameters as lists aligned with ``experts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+# Module kinds that a tensor-name layout assigns (see checkpoint/layout.py).
+MODULE_KINDS = (
+    "embedding",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_o",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_down",
+    "norm",
+    "head",
+    "other",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Which tensor a method is merging: its name, transformer layer (None outside the layer stack), kind."""
+
+    name: str
+    layer: int | None
+    kind: str
+    num_layers: int
+
+    @property
+    def is_matrix_in_layer(self) -> bool:
+        """A 2-D projection inside the layer stack: what the SVD methods operate on."""
+        return self.layer is not None and self.kind not in ("norm", "embedding", "head", "other")
+
+
+@dataclass
+class MethodCall:
+    """Everything a method may look at for one tensor.
+
+    ``base`` and ``experts`` are already on the compute device in the compute dtype (float32 or float64).
+    ``generator`` is seeded from the recipe seed and the tensor name, so random methods are reproducible
+    whatever order tensors are computed in.
+    """
+
+    base: torch.Tensor | None
+    experts: list[torch.Tensor]
+    info: TensorInfo
+    params: dict[str, Any]
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter of a method: its type, default, range and whether it is set per model.
+
+    ``low``/``high`` bound numeric values; ``low_open``/``high_open`` make a bound exclusive.
+    ``default=None`` with ``required=True`` means the recipe must give it.
+    """
+
+    name: str
+    kind: type
+    default: Any = None
+    per_model: bool = False
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def check(self, value: Any, where: str) -> Any:
+        """Coerce ``value`` to this parameter's type and check its range; raise ValueError naming ``where``."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            value = str(value)
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(
+                    f"{where}: parameter '{self.name}' must be one of {', '.join(self.choices)}; got {value!r}"
+                )
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
+        if self.kind is int:
+            if float(value) != int(value):
+                raise ValueError(f"{where}: parameter '{self.name}' must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise ValueError(f"{where}: parameter '{self.name}' = {value} is out of range {self.range_text()}")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise ValueError(f"{where}: parameter '{self.name}' = {value} is out of range {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+
+
+MethodFn = Callable[[MethodCall], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A recipe method: its name, function, parameters and what inputs it takes.
+
+    ``base``: 'required' (task-vector methods), 'optional', or 'ignored' (a base given is only warned about).
+    ``min_experts``/``max_experts`` count the non-base models. ``random``: the function draws from
+    ``MethodCall.generator``. ``prepare``/``finish``: optional model-level passes before and after streaming
+    (FIM-Merging's Fisher, residual norm calibration); the per-tensor function stays pure.
+    """
+
+    name: str
+    fn: MethodFn
+    params: tuple[Param, ...]
+    citation: str
+    base: Literal["required", "optional", "ignored"] = "required"
+    min_experts: int = 1
+    max_experts: int | None = None
+    random: bool = False
+    prepare: Callable[..., Any] | None = None
+    finish: Callable[..., Any] | None = None
+    aliases_of: str | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+
+def weight_param(default: float | None = 1.0, required: bool = False) -> Param:
+    """The per-model mixing weight that most methods share."""
+    return Param("weight", float, default=default, per_model=True, required=required, help="mixing weight of this model")
+
+
+def registry(specs: Sequence[MethodSpec]) -> dict[str, MethodSpec]:
+    """Build a name -> spec table, refusing duplicate names (no registration by import side effect)."""
+    table: dict[str, MethodSpec] = {}
+    for spec in specs:
+        if spec.name in table:
+            raise ValueError(f"merge method {spec.name!r} is declared twice")
+        table[spec.name] = spec
+    return table
