@@ -1,0 +1,202 @@
+"""Lazy, per-tensor access to Hugging Face model folders (single-file or sharded safetensors).
+
+Headers are parsed and checked up front (truncation, offsets, index paths), so a bad file is refused before
+anything is written; tensor data is memory-mapped and read one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives and what it is, from a safetensors header."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def parse_safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The JSON header of a safetensors file and its raw bytes, after checking the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes); re-download or rebuild it")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path} has a corrupt or truncated safetensors header; re-download or rebuild it")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON); re-download or rebuild it") from None
+    data_len = size - 8 - header_len
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = entry["data_offsets"]
+            dtype = entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry; re-download or rebuild it") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        end = max(end, stop)
+        if not 0 <= start <= stop:
+            raise CheckpointError(f"{path}: tensor '{name}' has invalid data offsets; re-download or rebuild it")
+    if end > data_len:
+        raise CheckpointError(f"{path} is truncated: its header needs {end} data bytes but the file holds "
+                              f"{data_len}; re-download or rebuild it")
+    return header, raw
+
+
+@dataclass
+class ModelReader:
+    """One model folder: its config, its tensor catalogue, and lazy tensor reads."""
+
+    folder: Path
+    config: dict[str, Any]
+    entries: dict[str, TensorEntry]
+    fingerprint: dict[str, dict[str, Any]]
+    pickle_state: dict[str, torch.Tensor] | None = None
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def has(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a copy out of the memory map)."""
+        if self.pickle_state is not None:
+            return self.pickle_state[name]
+        entry = self.entries[name]
+        with self._lock:
+            handle = self._handles.get(entry.file)
+            if handle is None:
+                from safetensors import safe_open
+
+                handle = safe_open(str(entry.file), framework="pt", device="cpu")
+                self._handles[entry.file] = handle
+        return handle.get_tensor(name)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict[str, Path] | None, bool]:
+    """The weight files of a folder, the index's name -> file map if any, and whether they are pickles."""
+    for index_name, pickled in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
+        index_path = folder / index_name
+        if index_path.exists():
+            if pickled and not allow_pickle:
+                raise CheckpointError(_pickle_refusal(folder))
+            return (*_read_index(folder, index_path), pickled)
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files, None, False
+    if (folder / "pytorch_model.bin").exists():
+        if not allow_pickle:
+            raise CheckpointError(_pickle_refusal(folder))
+        return [folder / "pytorch_model.bin"], None, True
+    raise CheckpointError(f"{folder} holds no model weights (no *.safetensors or index file); point the recipe at a "
+                          "Hugging Face model folder")
+
+
+def _pickle_refusal(folder: Path) -> str:
+    return (f"{folder} stores weights as .bin pickles, which can run code when loaded; convert them to safetensors "
+            "or pass --allow-pickle to load them with weights_only=True")
+
+
+def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, Path]]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index_path} is not a valid index (no 'weight_map'); re-download or rebuild it") from None
+    root = folder.resolve()
+    mapping: dict[str, Path] = {}
+    for name, rel in weight_map.items():
+        target = (folder / rel).resolve()
+        if root not in target.parents:
+            raise CheckpointError(f"{index_path}: tensor '{name}' points to '{rel}', outside the model folder; "
+                                  "fix the index")
+        if not target.exists():
+            raise CheckpointError(f"{index_path}: tensor '{name}' points to missing file '{rel}'; re-download it")
+        mapping[name] = target
+    return sorted(set(mapping.values())), mapping
+
+
+def open_model(folder: str | Path, allow_pickle: bool = False) -> ModelReader:
+    """Open a model folder lazily: parse every header, check it, and read nothing else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist; check the path in the recipe")
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{config_path} is not valid JSON; fix or re-download it") from None
+    files, index_map, pickled = _weight_files(folder, allow_pickle)
+    if pickled:
+        return _open_pickled(folder, config, files)
+    entries: dict[str, TensorEntry] = {}
+    fingerprint: dict[str, dict[str, Any]] = {}
+    for file in files:
+        header, raw = parse_safetensors_header(file)
+        fingerprint[file.name] = {"size": file.stat().st_size, "header_sha256": hashlib.sha256(raw).hexdigest()}
+        for name, entry in header.items():
+            if name == "__metadata__" or (index_map is not None and index_map.get(name) != file):
+                continue
+            entries[name] = TensorEntry(file, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    if index_map is not None:
+        missing = sorted(set(index_map) - set(entries))
+        if missing:
+            raise CheckpointError(f"{folder}: the index lists tensor '{missing[0]}' but its shard does not hold it; "
+                                  "re-download the model")
+    return ModelReader(folder=folder, config=config, entries=entries, fingerprint=fingerprint)
+
+
+def _open_pickled(folder: Path, config: dict[str, Any], files: list[Path]) -> ModelReader:
+    """Load .bin pickles with ``weights_only=True`` (memory-mapped where torch can)."""
+    state: dict[str, torch.Tensor] = {}
+    fingerprint = {}
+    for file in files:
+        try:
+            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a bad pickle
+            raise CheckpointError(f"{file} cannot be loaded as a weights-only pickle ({exc}); convert it") from None
+        state.update(part)
+        fingerprint[file.name] = {"size": file.stat().st_size, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    entries = {name: TensorEntry(folder, t.dtype, tuple(t.shape)) for name, t in state.items()}
+    return ModelReader(folder=folder, config=config, entries=entries, fingerprint=fingerprint, pickle_state=state)

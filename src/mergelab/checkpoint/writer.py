@@ -1,0 +1,189 @@
+"""Streaming sharded safetensors output with an atomic finish and resume.
+
+Every output tensor's shape and dtype is known from the plan, so each shard's header is written first and
+tensors are appended as they are computed: no shard is ever held in memory. Shards are written as
+``NAME.tmp`` inside ``OUT_DIR.partial/`` and renamed when complete; ``progress.json`` records each finished
+shard's SHA-256 so that ``--resume`` re-uses the shards that verify. ``OUT_DIR`` appears only by renaming the
+finished partial folder, so a killed run leaves the old state or a resumable partial folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import OutputError
+
+SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    used = 0
+    for tensor in tensors:
+        if shards[-1] and used + tensor.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(tensor)
+        used += tensor.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def safetensors_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    """The length-prefixed, 8-byte-aligned header for tensors stored in this order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one shard: header first, then each tensor's bytes in plan order, hashing as it goes."""
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor]):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.expected = [t.name for t in tensors]
+        self.planned = {t.name: t for t in tensors}
+        self.written = 0
+        self.sha = hashlib.sha256()
+        self.file = open(self.tmp, "wb")
+        self._write(safetensors_header(tensors, {"format": "pt"}))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self.planned[name]
+        if name != self.expected[self.written] or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(f"internal: tensor {name} {tuple(tensor.shape)} {tensor.dtype} out of plan")
+        self._write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
+        self.written += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.written == len(self.expected)
+
+    def close(self) -> str:
+        """Flush, fsync and rename into place; return the shard's SHA-256."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.sha.hexdigest()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class OutputFolder:
+    """``OUT_DIR.partial/`` while writing; renamed to ``OUT_DIR`` by ``finish``."""
+
+    def __init__(self, out_dir: Path, input_folders: list[Path], overwrite: bool, resume: bool, plan_key: str):
+        self.out_dir = out_dir
+        self.partial = out_dir.with_name(out_dir.name + ".partial")
+        self.plan_key = plan_key
+        out_abs = out_dir.resolve()
+        for folder in input_folders:
+            folder_abs = folder.resolve()
+            if out_abs == folder_abs or folder_abs in out_abs.parents:
+                raise OutputError(f"output {out_dir} lies inside input model folder {folder}; choose another path")
+        if out_dir.exists() and not overwrite:
+            raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it or choose "
+                              "another path")
+        if not out_abs.parent.exists():
+            raise OutputError(f"cannot write {out_dir}: its parent folder {out_abs.parent} does not exist")
+        if not os.access(out_abs.parent, os.W_OK):
+            raise OutputError(f"cannot write {out_dir}: its parent folder {out_abs.parent} is not writable")
+        self.done: dict[str, str] = {}
+        if resume and self.partial.exists():
+            self.done = self._verified_progress()
+        elif self.partial.exists():
+            raise OutputError(f"{self.partial} holds an interrupted merge; pass --resume to continue it or delete it")
+        else:
+            self.partial.mkdir()
+
+    @property
+    def progress_file(self) -> Path:
+        return self.partial / "progress.json"
+
+    def _verified_progress(self) -> dict[str, str]:
+        """Shards from an interrupted run of the same plan whose checksums verify (others are redone)."""
+        try:
+            progress = json.loads(self.progress_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        if progress.get("plan") != self.plan_key:
+            raise OutputError(f"{self.partial} was left by a different recipe or inputs; delete it to start afresh")
+        return {name: sha for name, sha in progress.get("shards", {}).items()
+                if (self.partial / name).exists() and file_sha256(self.partial / name) == sha}
+
+    def record(self, shard_name: str, sha: str) -> None:
+        self.done[shard_name] = sha
+        tmp = self.progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"plan": self.plan_key, "shards": self.done}, indent=1))
+        os.replace(tmp, self.progress_file)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.partial / name).write_text(text)
+
+    def copy_in(self, source: Path) -> None:
+        shutil.copy2(source, self.partial / source.name)
+
+    def finish(self) -> Path:
+        """Atomically put the finished folder in place (replacing an old one only now)."""
+        self.progress_file.unlink(missing_ok=True)
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(self.out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out_dir, old)
+        os.replace(self.partial, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out_dir
+
+    def discard(self) -> None:
+        """Remove the partial folder (on a user error: nothing is left behind)."""
+        shutil.rmtree(self.partial, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""Everything in a merged folder besides the weights: index, config, tokenizer, model card, ``mergelab.json``."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import defaultdict
+from importlib import metadata
+from typing import Any
+
+from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, plan_shards, shard_file_names
+from mergelab.config import dump_recipe
+from mergelab.plan import MergePlan, dtype_name
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+PACKAGES = ("mergelab", "torch", "safetensors", "transformers", "numpy")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def per_layer(tensor_stats: dict[str, dict[str, Any]], plan: MergePlan) -> dict[str, dict[str, float]]:
+    """Element-weighted means of the per-tensor fractions, per layer ('embed/head/norm' outside the stack)."""
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for job in plan.jobs:
+        stats = tensor_stats.get(job.name)
+        if stats is None:  # re-used from a resumed shard
+            continue
+        key = f"layer.{job.info.layer}" if job.info.layer is not None else "outside_layers"
+        n = stats["numel"]
+        sums[key]["numel"] += n
+        if "changed_from_base" in stats:
+            sums[key]["changed_from_base"] += stats["changed_from_base"] * n
+        for model, frac in stats["equal_to"].items():
+            sums[key][f"equal_to:{model}"] += frac * n
+    return {key: {k: (v if k == "numel" else v / s["numel"]) for k, v in s.items()} for key, s in sums.items()}
+
+
+def model_card(plan: MergePlan) -> str:
+    return (f"---\nlibrary_name: transformers\ntags: [mergelab, merge]\n---\n# Merged model\n\n"
+            f"Made with mergelab using **{plan.method.name}** ({plan.method.citation}).\n\n"
+            f"Base: {plan.recipe.base_model or '(none)'}\n\nRecipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
+
+
+def write_metadata_files(plan: MergePlan, output: OutputFolder, tensor_stats: dict[str, dict[str, Any]],
+                         shard_size: int, seed: int) -> None:
+    """Write index (when sharded), config, tokenizer and generation config, model card and ``mergelab.json``."""
+    planned = [PlannedTensor(job.name, job.shape, plan.out_dtype) for job in plan.jobs]
+    shards = plan_shards(planned, shard_size)
+    names = shard_file_names(len(shards))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in planned)},
+                 "weight_map": {t.name: names[i] for i, shard in enumerate(shards) for t in shard}}
+        output.write_text("model.safetensors.index.json", json.dumps(index, indent=2))
+    config = dict(plan.config)
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name(plan.out_dtype)
+    output.write_text("config.json", json.dumps(config, indent=2))
+    reference = plan.readers[plan.reference].folder
+    tokenizer_folder = plan.tokenizer_folder
+    for name in TOKENIZER_FILES:
+        if (tokenizer_folder / name).exists():
+            output.copy_in(tokenizer_folder / name)
+    if (reference / "generation_config.json").exists():
+        output.copy_in(reference / "generation_config.json")
+    if plan.recipe.chat_template:
+        output.write_text("chat_template.jinja", plan.recipe.chat_template)
+    output.write_text("README.md", model_card(plan))
+    record = {
+        "mergelab_version": _versions().get("mergelab"),
+        "versions": _versions(),
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "method": {"name": plan.method.name, "citation": plan.method.citation},
+        "seed": seed,
+        "out_dtype": dtype_name(plan.out_dtype),
+        "inputs": {ref: {"folder": str(r.folder), "files": r.fingerprint} for ref, r in plan.readers.items()},
+        "warnings": plan.warnings,
+        "per_layer": per_layer(tensor_stats, plan),
+        "tensors": tensor_stats,
+    }
+    output.write_text("mergelab.json", json.dumps(record, indent=1))
