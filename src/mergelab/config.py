@@ -28,7 +28,7 @@ class Conditional(BaseModel):
     """A filtered value: applies to tensors whose name contains ``filter`` (all when absent or ``*``)."""
 
     model_config = ConfigDict(extra="forbid")
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
     filter: str | None = None
 
 

@@ -25,7 +25,7 @@ import torch
 from mergelab.checkpoint.reader import ModelReader, open_model
 from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, ShardWriter, plan_shards, shard_file_names
 from mergelab.config import Recipe
-from mergelab.errors import CheckpointError, MergelabError, RecipeError
+from mergelab.errors import CheckpointError, MergelabError, OutputError, RecipeError
 from mergelab.methods.spec import MethodCall
 from mergelab.output_files import write_metadata_files
 from mergelab.plan import MergePlan, TensorJob, build_plan, resolve_model_path
@@ -223,4 +223,7 @@ def run_merge(recipe: Recipe, out_dir: str | Path, options: MergeOptions | None 
     except MergelabError:
         output.discard()
         raise
+    except OSError as error:  # disk full, permissions: keep what is done for --resume
+        raise OutputError(f"writing {output.partial} failed ({error.strerror}); free space or fix permissions, "
+                          "then run the same command with --resume") from None
     return output.finish()

@@ -49,7 +49,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON); re-download or rebuild it") from None
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON); re-download or rebuild it") \
+            from None
     data_len = size - 8 - header_len
     end = 0
     for name, entry in header.items():
@@ -59,7 +60,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
             start, stop = entry["data_offsets"]
             dtype = entry["dtype"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry; re-download or rebuild it") from None
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry; re-download or "
+                                  "rebuild it") from None
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
         end = max(end, stop)
@@ -143,7 +145,8 @@ def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, P
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{index_path} is not a valid index (no 'weight_map'); re-download or rebuild it") from None
+        raise CheckpointError(f"{index_path} is not a valid index (no 'weight_map'); re-download or "
+                              "rebuild it") from None
     root = folder.resolve()
     mapping: dict[str, Path] = {}
     for name, rel in weight_map.items():

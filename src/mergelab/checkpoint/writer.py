@@ -132,8 +132,8 @@ class OutputFolder:
         if out_dir.exists() and not overwrite:
             raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it or choose "
                               "another path")
-        if not out_abs.parent.exists():
-            raise OutputError(f"cannot write {out_dir}: its parent folder {out_abs.parent} does not exist")
+        if not out_abs.parent.is_dir():
+            raise OutputError(f"cannot write {out_dir}: its parent {out_abs.parent} is not an existing folder")
         if not os.access(out_abs.parent, os.W_OK):
             raise OutputError(f"cannot write {out_dir}: its parent folder {out_abs.parent} is not writable")
         self.done: dict[str, str] = {}
@@ -142,7 +142,11 @@ class OutputFolder:
         elif self.partial.exists():
             raise OutputError(f"{self.partial} holds an interrupted merge; pass --resume to continue it or delete it")
         else:
-            self.partial.mkdir()
+            try:
+                self.partial.mkdir()
+            except OSError as error:
+                raise OutputError(f"cannot create {self.partial} ({error.strerror}); choose another output "
+                                  "path") from None
 
     @property
     def progress_file(self) -> Path:

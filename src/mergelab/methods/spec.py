@@ -111,7 +111,9 @@ class Param:
     def range_text(self) -> str:
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        return f"{left}{low}, {high}{right}"
 
 
 MethodFn = Callable[[MethodCall], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
@@ -153,7 +155,8 @@ class MethodSpec:
 
 def weight_param(default: float | None = 1.0, required: bool = False) -> Param:
     """The per-model mixing weight that most methods share."""
-    return Param("weight", float, default=default, per_model=True, required=required, help="mixing weight of this model")
+    return Param("weight", float, default=default, per_model=True, required=required,
+                 help="mixing weight of this model")
 
 
 def registry(specs: Sequence[MethodSpec]) -> dict[str, MethodSpec]:
