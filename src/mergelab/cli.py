@@ -83,7 +83,9 @@ def register_merge(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergelab", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mergelab", description="Merge fine-tuned models in weight space and measure whether the merge is "
+        "better, stable and safe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     subparsers = parser.add_subparsers(dest="command", required=True)
     registrars: list[Callable] = [register_merge]

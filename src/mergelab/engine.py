@@ -107,17 +107,25 @@ def _compute(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], option
         generator = torch.Generator(device=options.device).manual_seed(tensor_seed(seed, job.name))
     result = plan.method.fn(MethodCall(base, experts, job.info, job.params, generator))
     merged, method_stats = result if isinstance(result, tuple) else (result, {})
-    if not torch.isfinite(merged).all():
-        raise RecipeError(f"method '{plan.method.name}' produced NaN or Inf in tensor '{job.name}'; check its "
-                          "parameters (weights summing to zero, extreme lambda)")
-    out = merged.to(plan.out_dtype)
+    out = merged.to(plan.out_dtype).cpu()
+    del merged, moved
+    if not torch.isfinite(out).all():
+        raise RecipeError(f"method '{plan.method.name}' produced NaN or Inf in tensor '{job.name}' (as "
+                          f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
     stats: dict[str, Any] = {"numel": out.numel()}
-    if base is not None:
-        stats["changed_from_base"] = (out != base.to(plan.out_dtype)).float().mean().item()
-    stats["equal_to"] = {s.model: (out == t.to(plan.out_dtype)).float().mean().item()
-                         for s, t in zip(([job.base] if job.base else []) + job.experts, moved)}
+    sources = ([job.base] if job.base else []) + job.experts
+    equal = {s.model: _fraction_equal(out, t) for s, t in zip(sources, inputs)}
+    if job.base is not None:
+        stats["changed_from_base"] = 1.0 - equal[job.base.model]
+    stats["equal_to"] = equal
     stats.update(method_stats)
-    return out.cpu(), stats
+    return out, stats
+
+
+def _fraction_equal(out: torch.Tensor, parent: torch.Tensor) -> float:
+    """Fraction of output elements equal to a parent's, compared in the output dtype."""
+    parent = parent.to(out.dtype)
+    return torch.count_nonzero(out == parent).item() / max(out.numel(), 1)
 
 
 class _Writer(threading.Thread):

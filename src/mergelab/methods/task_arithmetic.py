@@ -106,25 +106,26 @@ def _sparsify(family: Family, delta: torch.Tensor, call: MethodCall, i: int) -> 
 
 def merged_update(family: Family, call: MethodCall) -> torch.Tensor:
     """The merged task vector ``Δ`` before ``λ`` (eq. 2, or eq. 3 with sign election)."""
-    base = call.base
-    deltas = torch.stack([_sparsify(family, expert - base, call, i) for i, expert in enumerate(call.experts)])
-    weights = torch.tensor(call.params["weight"], dtype=deltas.dtype, device=deltas.device)
+    base, weights = call.base, call.params["weight"]
+    deltas = [_sparsify(family, expert - base, call, i) for i, expert in enumerate(call.experts)]
     if family.elect:
-        w = weights.reshape(-1, *([1] * base.dim()))
-        voters = deltas * w if call.params["vote"] == "weighted" else deltas
-        mask = agreement_mask(deltas, elect_sign(voters, call.params["sign_election"]))
-        return weighted_disjoint_sum(deltas, weights, mask, call.params["normalize"])
-    total = torch.tensordot(weights, deltas, dims=1)
-    if call.params["normalize"]:
-        divisor = weights.sum()
-        if divisor.abs() >= 1e-8:
-            total = total / divisor
+        stacked = torch.stack(deltas)
+        w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        voters = stacked * w.reshape(-1, *([1] * base.dim())) if call.params["vote"] == "weighted" else stacked
+        mask = agreement_mask(stacked, elect_sign(voters, call.params["sign_election"]))
+        return weighted_disjoint_sum(stacked, w, mask, call.params["normalize"])
+    total = deltas[0].mul_(weights[0])
+    for delta, weight in zip(deltas[1:], weights[1:]):
+        total.add_(delta, alpha=weight)
+    divisor = sum(weights)
+    if call.params["normalize"] and abs(divisor) >= 1e-8:
+        total.div_(divisor)
     return total
 
 
 def _merge(family: Family):
     def merge(call: MethodCall) -> torch.Tensor:
-        return call.base + call.params["lambda"] * merged_update(family, call)
+        return merged_update(family, call).mul_(call.params["lambda"]).add_(call.base)
 
     merge.__name__ = family.name
     merge.__doc__ = f"{family.name}: θ_0 + λ Δ (see module docstring). {family.citation}"

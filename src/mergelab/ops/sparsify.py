@@ -18,14 +18,20 @@ def keep_count(numel: int, density: float) -> int:
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of the ``density`` fraction of entries with the largest magnitude (TIES "trim").
 
-    Ties at the boundary are broken by position (stable sort), so the mask is deterministic.
+    Selection, not a sort: the k-th largest magnitude is found with ``kthvalue`` (linear time); entries tied
+    with it are taken in position order, as a stable descending sort would, so the mask is deterministic.
     """
-    if density >= 1.0:
+    n = delta.numel()
+    k = keep_count(n, density)
+    if density >= 1.0 or k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
-    k = keep_count(delta.numel(), density)
-    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[order[:k]] = True
+    flat = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = flat == threshold
+        mask |= ties & (torch.cumsum(ties, 0) <= missing)
     return mask.reshape(delta.shape)
 
 

@@ -1,0 +1,164 @@
+"""Wall time and peak RSS of ``mergelab merge`` against the I/O floor and ``mergekit-yaml``, side by side.
+
+Writes realistic-shape bf16 checkpoints (a base and two experts; SmolLM2-135M and/or Qwen2.5-1.5B shapes),
+then times, as separate processes in one run: the I/O floor (read every input byte once, write and fsync
+the output's size once), mergelab, and mergekit, for each method. Peak RSS is the child's ``ru_maxrss``.
+
+    python benchmarks/bench_engine.py --shapes smollm2-135m qwen2.5-1.5b --methods task_arithmetic ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+SHAPES = {
+    # name: (architecture, model_type, vocab, hidden, intermediate, layers, heads, kv_heads, qkv_bias)
+    "smollm2-135m": ("LlamaForCausalLM", "llama", 49152, 576, 1536, 30, 9, 3, False),
+    "qwen2.5-1.5b": ("Qwen2ForCausalLM", "qwen2", 151936, 1536, 8960, 28, 12, 2, True),
+}
+
+
+def layer_shapes(hidden: int, inter: int, heads: int, kv: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    head_dim = hidden // heads
+    shapes = {
+        "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv * head_dim, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter), "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+    if bias:
+        shapes.update({"self_attn.q_proj.bias": (hidden,), "self_attn.k_proj.bias": (kv * head_dim,),
+                       "self_attn.v_proj.bias": (kv * head_dim,)})
+    return shapes
+
+
+def write_model(folder: Path, shape: str, seed: int, base: Path | None) -> None:
+    """A bf16 checkpoint of the given shape; an expert is its base plus seeded noise."""
+    arch, model_type, vocab, hidden, inter, layers, heads, kv, bias = SHAPES[shape]
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    names = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        names.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(hidden, inter, heads, kv, bias).items()})
+    base_tensors = None
+    if base is not None:
+        from safetensors.torch import load_file
+
+        base_tensors = load_file(base / "model.safetensors")
+    tensors = {}
+    for name, dims in names.items():
+        if base_tensors is None:
+            tensors[name] = (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
+        else:
+            noise = torch.randn(dims, generator=gen) * 0.002
+            tensors[name] = (base_tensors[name].float() + noise).to(torch.bfloat16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {"architectures": [arch], "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+              "rms_norm_eps": 1e-6, "max_position_embeddings": 4096}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+IO_FLOOR = """
+import os, sys
+total = 0
+for path in sys.argv[2:]:
+    with open(path, 'rb', buffering=0) as f:
+        while chunk := f.read(1 << 24):
+            total += len(chunk)
+out_bytes = int(sys.argv[1])
+block = bytes(1 << 24)
+with open(os.environ['FLOOR_OUT'], 'wb') as f:
+    written = 0
+    while written < out_bytes:
+        n = min(len(block), out_bytes - written)
+        f.write(block[:n]); written += n
+    f.flush(); os.fsync(f.fileno())
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m"], choices=sorted(SHAPES))
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergelab-bench"))
+    parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--mergelab-args", default="", help="extra flags for mergelab merge")
+    args = parser.parse_args()
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows = []
+    for shape in args.shapes:
+        root = args.workdir / shape
+        folders = [root / "base", root / "expert0", root / "expert1"]
+        if not all((f / "model.safetensors").exists() for f in folders):
+            shutil.rmtree(root, ignore_errors=True)
+            write_model(folders[0], shape, 0, None)
+            for i, f in enumerate(folders[1:]):
+                write_model(f, shape, i + 1, folders[0])
+        inputs = [str(f / "model.safetensors") for f in folders]
+        out_bytes = (folders[0] / "model.safetensors").stat().st_size
+        for path in inputs:  # warm the page cache the same way for every contestant
+            Path(path).read_bytes()
+        floor_out = root / "floor.bin"
+        floor = run_measured([sys.executable, "-c", IO_FLOOR, str(out_bytes), *inputs],
+                             dict(env, FLOOR_OUT=str(floor_out)))
+        floor_out.unlink()
+        for method in args.methods:
+            params = {"density": 0.3} if method != "task_arithmetic" else {}
+            recipe = {"merge_method": method, "base_model": str(folders[0]), "dtype": "bfloat16",
+                      "models": [{"model": str(f), "parameters": {"weight": 0.5, **params}} for f in folders[1:]]}
+            recipe_path = root / f"{method}.yml"
+            recipe_path.write_text(yaml.safe_dump(recipe))
+            results = {"floor": floor}
+            out = root / f"out-mergelab-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            results["mergelab"] = run_measured([str(bin_dir / "mergelab"), "merge", str(recipe_path), str(out),
+                                                *args.mergelab_args.split()], env)
+            if not args.no_mergekit:
+                mk_out = root / f"out-mergekit-{method}"
+                shutil.rmtree(mk_out, ignore_errors=True)
+                results["mergekit"] = run_measured([str(bin_dir / "mergekit-yaml"), str(recipe_path), str(mk_out),
+                                                    "--no-copy-tokenizer"], env)
+                shutil.rmtree(mk_out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append((shape, method, results))
+            print(format_row(shape, method, results), flush=True)
+
+
+def format_row(shape: str, method: str, results: dict[str, tuple[float, float]]) -> str:
+    floor_wall = results["floor"][0]
+    cells = [f"{shape} {method}"]
+    for name, (wall, rss) in results.items():
+        cells.append(f"{name}: {wall:.2f} s ({wall / floor_wall:.2f}x floor), peak RSS {rss:.2f} GiB")
+    if "mergekit" in results:
+        cells.append(f"mergekit/mergelab wall: {results['mergekit'][0] / results['mergelab'][0]:.2f}x")
+    return " | ".join(cells)
+
+
+if __name__ == "__main__":
+    main()

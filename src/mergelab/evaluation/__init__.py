@@ -1,0 +1,1 @@
+"""Task evaluation of model folders: generation metrics, the evaluate runner, the lm-eval bridge."""

@@ -1,0 +1,71 @@
+"""``mergelab eval MODEL --tasks ...``: accuracy, repetition, pass@n, self-consistency, perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mergelab.evaluation.runner import evaluate, format_table
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``eval`` to the ``mergelab`` command's subparsers."""
+    p = subparsers.add_parser("eval", help="evaluate a model folder on tasks", description=__doc__)
+    p.add_argument("model", type=Path, help="a Hugging Face model folder (weights, config, tokenizer)")
+    p.add_argument("--tasks", nargs="+", default=[], help="task names (see mergelab.tasks)")
+    p.add_argument("--items", type=int, default=50, help="test items per task (default 50)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="sampled continuations per item for pass@k and self-consistency (default 1: greedy only)",
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override each task's generation limit")
+    p.add_argument("--batch-size", type=int, default=16, help="generated rows per batch (default 16)")
+    p.add_argument("--split", default="test", choices=("test", "train"), help="task split (default test)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument(
+        "--ppl-file",
+        type=Path,
+        default=None,
+        help="held-out text file (paragraphs separated by blank lines) for perplexity and entropy",
+    )
+    p.add_argument("--keep-generations", action="store_true", help="store every completion in the JSON")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.set_defaults(func=handler)
+    return p
+
+
+def handler(args: argparse.Namespace) -> int:
+    ppl_texts = None
+    if args.ppl_file is not None:
+        ppl_texts = [t.strip() for t in args.ppl_file.read_text().split("\n\n") if t.strip()]
+    results = evaluate(
+        args.model,
+        args.tasks,
+        n_items=args.items,
+        n_samples=args.samples,
+        device=args.device,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        split=args.split,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        ppl_texts=ppl_texts,
+        keep_generations=args.keep_generations,
+        progress=sys.stderr.isatty(),
+    )
+    print(format_table(results))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"results written to {args.out}")
+    return 0
