@@ -92,7 +92,7 @@ def _check_architectures(readers: dict[str, ModelReader], allow_mixed: bool) -> 
                                  "merge models of one architecture or pass --allow-mixed")
 
 
-def _out_dtype(recipe: Recipe, reference: ModelReader) -> torch.dtype:
+def output_dtype(recipe: Recipe, reference: ModelReader) -> torch.dtype:
     name = recipe.out_dtype or recipe.dtype
     if name is not None:
         return TORCH_DTYPES[name]
@@ -100,7 +100,7 @@ def _out_dtype(recipe: Recipe, reference: ModelReader) -> torch.dtype:
     return floats[0] if floats else torch.float32
 
 
-def _vocab_rows(job_name: str, kind: str, ref_shape: tuple[int, ...], model: str, reader: ModelReader, name: str,
+def vocab_rows(job_name: str, kind: str, ref_shape: tuple[int, ...], model: str, reader: ModelReader, name: str,
                 strict: bool, warnings: list[str]) -> int | None:
     """The vocabulary rule: extra embedding/head rows of an input beyond the reference's are dropped."""
     shape = reader.shape(name)
@@ -116,7 +116,7 @@ def _vocab_rows(job_name: str, kind: str, ref_shape: tuple[int, ...], model: str
                              f"{list(ref_shape)}; these models cannot be merged tensor by tensor")
 
 
-def _input_name(reader: ModelReader, name: str, model: str) -> str:
+def input_name(reader: ModelReader, name: str, model: str) -> str:
     """The name to read in one input, with the tied-embedding rule (lm_head read from embed_tokens)."""
     if reader.has(name):
         return name
@@ -184,12 +184,12 @@ def build_plan(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool 
         shape = ref_reader.shape(name)
         sources = []
         for entry in expert_entries:
-            in_name = _input_name(readers[entry.model], name, entry.model)
-            rows = _vocab_rows(name, info.kind, shape, entry.model, readers[entry.model], in_name, strict, warnings)
+            in_name = input_name(readers[entry.model], name, entry.model)
+            rows = vocab_rows(name, info.kind, shape, entry.model, readers[entry.model], in_name, strict, warnings)
             sources.append(Source(entry.model, in_name, rows))
         params = resolve_params(spec, [e.parameters for e in expert_entries], [recipe.parameters], name, t)
         jobs.append(TensorJob(name, shape, info, Source(base, name) if base else None, sources, params))
-    return MergePlan(recipe, spec, readers, reference, jobs, _out_dtype(recipe, ref_reader), dict(config),
+    return MergePlan(recipe, spec, readers, reference, jobs, output_dtype(recipe, ref_reader), dict(config),
                      tokenizer_folder(recipe, readers, reference), warnings)
 
 

@@ -1,0 +1,164 @@
+"""The zoo: a test-size tiny-lm family builds, loads in transformers, is cached, resumable, deterministic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergelab import zoo
+from mergelab.errors import MergelabError
+from mergelab.tasks import TASKS
+from mergelab.zoo import builder, corpus, tinylm
+from mergelab.zoo.builder import FamilyPlan, Member
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    return zoo.build("tiny-lm", "test", out=tmp_path_factory.mktemp("zoo") / "tiny-lm", progress=False)
+
+
+def _mtimes(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_zoo_json_describes_every_member(family):
+    record = json.loads((family / "zoo.json").read_text())
+    names = [m.name for m in tinylm.plan("test").members]
+    assert list(record["members"]) == names and len(names) == 2 + len(TASKS) + 1 + 12
+    assert sorted(p.name for p in family.iterdir() if p.is_dir()) == sorted(names)
+    for name, member in record["members"].items():
+        assert member["parent"] == (None if name == "base" else "base")
+        assert {"data", "steps", "hyper", "scores", "build_seconds", "key"} <= set(member)
+    assert set(record["members"]["base"]["scores"]) == set(TASKS)
+    assert record["scenarios"]["strong_weak"] == ["addition", "weak_addition"]
+    assert all(m in names for pair in record["scenarios"].values() for m in pair)
+    assert record["licences"] and record["disk_bytes"] > 0
+
+
+def test_members_load_in_transformers_and_generate(family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name, arch in [("addition", "LlamaForCausalLM"), ("base_qwen2", "Qwen2ForCausalLM")]:
+        model = AutoModelForCausalLM.from_pretrained(family / name)
+        tokenizer = AutoTokenizer.from_pretrained(family / name)
+        assert type(model).__name__ == arch
+        enc = tokenizer(["Add: 12 + 30 ="], return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, enc["input_ids"].shape[1] + 4) or tokenizer.eos_token_id in out[0].tolist()
+    qwen = load_file(family / "base_qwen2" / "model.safetensors")
+    assert qwen["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0  # continued training moved the biases
+
+
+def test_tokenizer_splits_digits_and_round_trips(family):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family / "base")
+    text = "Add: 347 + 58 = 405\ndef f(x):\n    return x"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    pieces = [tokenizer.decode([i]) for i in tokenizer(" 347", add_special_tokens=False)["input_ids"]]
+    assert [p.strip() for p in pieces if p.strip()] == ["3", "4", "7"]
+
+
+def test_second_build_is_a_cache_hit(family):
+    before = _mtimes(family)
+    assert zoo.build("tiny-lm", "test", out=family, progress=False) == family
+    assert _mtimes(family) == before
+
+
+def test_rebuilt_member_is_bitwise_identical_and_others_are_reused(family):
+    """Resume: a missing member is rebuilt, the rest reused; determinism: the rebuild has the same weights."""
+    original = load_file(family / "reverse" / "model.safetensors")
+    others = {k: v for k, v in _mtimes(family).items() if not k.startswith(("reverse/", "zoo.json"))}
+    (family / "reverse.partial").mkdir()  # what a killed build leaves behind
+    (family / "reverse.partial" / "config.json").write_text("{half written")
+    shutil.rmtree(family / "reverse")
+    zoo.build("tiny-lm", "test", out=family, progress=False)
+    rebuilt = load_file(family / "reverse" / "model.safetensors")
+    assert original.keys() == rebuilt.keys()
+    assert all(torch.equal(original[k], rebuilt[k]) for k in original)
+    assert not (family / "reverse.partial").exists()
+    assert {k: v for k, v in _mtimes(family).items() if k in others} == others
+
+
+def test_training_data_never_contains_a_test_prompt(family):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family / "base")
+    test_prompts = {
+        e.prompt for t in TASKS.values() for e in t.examples("test", 2000 if t.name != "addition" else 1500)
+    }
+    items = tinylm._supervised_items(tokenizer, {name: 1.0 for name in TASKS}, 8 * 400, corrupt=0.5, seed=3)
+    assert len(items) >= 8 * 399
+    assert not {tokenizer.decode(prompt) for prompt, _ in items} & test_prompts
+    assert not any(text.startswith(tuple(test_prompts)) for text in tinylm._skill_texts(50))
+
+
+def _fake_plan(settings: dict, fail: str | None = None) -> FamilyPlan:
+    def make(name):
+        def run(out: Path, built: dict[str, Path], device: str) -> dict:
+            (out / "model.safetensors").write_text(f"{name} {settings[name]}")
+            if name == fail:
+                raise KeyboardInterrupt  # killed mid-member
+            return {"made_from": sorted(built)}
+
+        return run
+
+    members = [
+        Member("a", None, {"v": settings["a"]}, make("a")),
+        Member("b", "a", {"v": settings["b"]}, make("b")),
+        Member("c", None, {"v": settings["c"]}, make("c")),
+    ]
+    return FamilyPlan("fake", "test", {}, members, {}, {}, (Path(builder.__file__),))
+
+
+def test_changed_recipe_rebuilds_that_member_and_its_children_only(tmp_path):
+    builder.build_plan(_fake_plan({"a": 1, "b": 1, "c": 1}), tmp_path, "cpu", progress=False)
+    first = _mtimes(tmp_path)
+    builder.build_plan(_fake_plan({"a": 2, "b": 1, "c": 1}), tmp_path, "cpu", progress=False)
+    second = _mtimes(tmp_path)
+    assert second["c/model.safetensors"] == first["c/model.safetensors"]
+    assert second["a/model.safetensors"] != first["a/model.safetensors"]
+    assert second["b/model.safetensors"] != first["b/model.safetensors"]  # its parent changed
+    assert (tmp_path / "a" / "model.safetensors").read_text() == "a 2"
+
+
+def test_killed_member_leaves_nothing_and_keeps_finished_members(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        builder.build_plan(_fake_plan({"a": 1, "b": 1, "c": 1}, fail="b"), tmp_path, "cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert json.loads((tmp_path / "a" / builder.MEMBER_RECORD).read_text())["name"] == "a"
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(MergelabError, match="tiny-lm"):
+        zoo.build("tiny-llm")
+    with pytest.raises(MergelabError, match="test, full"):
+        zoo.build("tiny-lm", size="huge")
+    with pytest.raises(MergelabError, match="cpu"):
+        zoo.build("tiny-lm", device="tpu", out=tmp_path)
+    with pytest.raises(MergelabError, match="pool_11"):
+        zoo.member("tiny-lm", "nobody", out=tmp_path)
+    with pytest.raises(MergelabError, match="python3.11-doc"):
+        corpus.prose(1000, sources=tmp_path / "missing")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_builds_and_lists(family, capsys, monkeypatch, tmp_path):
+    import argparse
+
+    from mergelab.zoo import cli
+
+    parser = argparse.ArgumentParser(prog="mergelab")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["zoo", "build", "tiny-lm", "--out", str(family)])
+    assert args.func(args) == 0 and str(family) in capsys.readouterr().out
+    monkeypatch.setenv("MERGELAB_ZOO", str(tmp_path))
+    args = parser.parse_args(["zoo", "list"])
+    assert args.func(args) == 0
+    assert "not built" in capsys.readouterr().out
