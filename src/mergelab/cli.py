@@ -57,6 +57,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mergelab.check import CheckReport, check, format_report
+    from mergelab.config import load_recipe
+    from mergelab.engine import open_inputs
+    from mergelab.errors import MergelabError
+
+    try:
+        recipe = load_recipe(args.recipe)
+        readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
+        report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
+                       similarity=not args.no_similarity)
+    except MergelabError as error:
+        report = CheckReport(problems=[str(error)])
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def register_check(subparsers) -> None:
+    p = subparsers.add_parser("check", help="report whether a recipe would merge, and what it would do (writes nothing)")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("--no-similarity", action="store_true", help="skip the task-vector norms and cosines (reads weights)")
+    add_merge_flags(p)
+    p.set_defaults(func=cmd_check)
+
+
 def add_merge_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``merge`` and ``check``: which inputs are acceptable."""
     parser.add_argument("--allow-pickle", action="store_true",
@@ -88,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "better, stable and safe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    registrars: list[Callable] = [register_merge]
+    registrars: list[Callable] = [register_merge, register_check]
     for module_name in SUBCOMMAND_MODULES:
         try:
             registrars.append(importlib.import_module(module_name).register)

@@ -1,0 +1,146 @@
+"""``mergelab check RECIPE``: what a merge would do and whether it would run, without writing anything.
+
+Reports architecture, tensor-set and shape compatibility (by planning the merge), tokenizer and vocabulary
+differences, input dtypes, expected output size and peak memory, the parameters each tensor group receives, and
+the task-vector norms and pairwise cosines per layer group (the in-the-wild study's Appendix D: nearly
+orthogonal task vectors cancel under averaging, aligned ones add up).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.checkpoint.reader import ModelReader
+from mergelab.config import Recipe
+from mergelab.errors import MergelabError
+from mergelab.plan import MergePlan, build_plan, describe
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plan_text: str = ""
+    similarity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def tokenizer_summary(folder: Path) -> dict[str, Any]:
+    """Vocabulary size and added tokens of a model folder's tokenizer, if it has one."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    vocab = data.get("model", {}).get("vocab", {})
+    added = [t["content"] for t in data.get("added_tokens", [])]
+    return {"vocab": len(vocab) if isinstance(vocab, (dict, list)) else 0, "added": added}
+
+
+def tokenizer_notes(readers: dict[str, ModelReader], reference: str) -> list[str]:
+    """Differences in embedding rows and tokenizers against the reference model, with what the merge does."""
+    notes = []
+    ref = readers[reference]
+    ref_rows = ref.config.get("vocab_size")
+    ref_tok = tokenizer_summary(ref.folder)
+    for name, reader in readers.items():
+        if name == reference:
+            continue
+        rows = reader.config.get("vocab_size")
+        if rows != ref_rows:
+            action = ("rows beyond the base's are dropped (or refused with --strict)" if (rows or 0) > (ref_rows or 0)
+                      else "the merge is refused: give the smaller-vocabulary model as the base")
+            notes.append(f"{name}: vocab_size {rows} vs {ref_rows} in {reference}; {action}")
+        tok = tokenizer_summary(reader.folder)
+        if tok and ref_tok and (tok["vocab"] != ref_tok["vocab"] or tok["added"] != ref_tok["added"]):
+            extra = sorted(set(tok["added"]) - set(ref_tok["added"]))
+            notes.append(f"{name}: tokenizer differs from {reference} (vocab {tok['vocab']} vs {ref_tok['vocab']}; "
+                         f"added tokens only here: {extra[:8]}); the output takes the tokenizer_source's tokenizer")
+    return notes
+
+
+def task_vector_similarity(plan: MergePlan) -> dict[str, Any]:
+    """Per layer group: each expert's task-vector norm and the pairwise cosines (streamed, float64 sums)."""
+    if not plan.jobs or plan.jobs[0].base is None:
+        return {}
+    n = len(plan.jobs[0].experts)
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(n, n, dtype=torch.float64))
+    for job in plan.jobs:
+        group = f"layer.{job.info.layer}" if job.info.layer is not None else "outside_layers"
+        base = plan.readers[job.base.model].get(job.base.name).double()
+        deltas = []
+        for source in job.experts:
+            tensor = plan.readers[source.model].get(source.name)
+            if source.rows is not None:
+                tensor = tensor[: source.rows]
+            deltas.append((tensor.double() - base).reshape(-1))
+        stacked = torch.stack(deltas)
+        sums[group] += stacked @ stacked.T
+        sums["all"] += stacked @ stacked.T
+    names = [s.model for s in plan.jobs[0].experts]
+    result = {}
+    for group, gram in sums.items():
+        norms = gram.diagonal().sqrt()
+        cos = gram / torch.outer(norms, norms).clamp_min(1e-30)
+        result[group] = {"norm": dict(zip(names, norms.tolist())), "cosine": cos.tolist()}
+    result["experts"] = names
+    return result
+
+
+def peak_memory_bytes(plan: MergePlan, read_ahead: int = 2) -> int:
+    """Inputs of ``read_ahead + 1`` tensor groups in storage dtype, plus float32 work copies and the output
+    of the largest group, plus two output tensors queued for writing: an estimate, not a bound."""
+    largest = max(plan.jobs, key=lambda j: torch.Size(j.shape).numel())
+    numel = torch.Size(largest.shape).numel()
+    n_inputs = len(largest.experts) + (1 if largest.base else 0)
+    return numel * (n_inputs * 2 * (read_ahead + 1) + n_inputs * 4 * 2 + 4 * 2)
+
+
+def check(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = False, allow_mixed: bool = False,
+          similarity: bool = True) -> CheckReport:
+    report = CheckReport()
+    for name, reader in readers.items():
+        dtypes = sorted({str(reader.dtype(t)).removeprefix("torch.") for t in reader.names})
+        report.notes.append(f"{name}: {reader.model_type or 'unknown model_type'}, {len(reader.names)} tensors, "
+                            f"dtype {', '.join(dtypes)}")
+    try:
+        plan = build_plan(recipe, readers, strict=strict, allow_mixed=allow_mixed)
+    except MergelabError as error:
+        report.problems.append(str(error))
+        return report
+    report.notes += tokenizer_notes(readers, plan.reference)
+    report.notes += [f"warning: {w}" for w in plan.warnings]
+    report.notes.append(f"expected output size {plan.output_bytes / 1e9:.3f} GB; expected peak memory about "
+                        f"{peak_memory_bytes(plan) / 1e9:.3f} GB beyond the interpreter and libraries")
+    report.plan_text = describe(plan)
+    if similarity:
+        report.similarity = task_vector_similarity(plan)
+    return report
+
+
+def format_report(report: CheckReport) -> str:
+    lines = ["mergelab check: the merge would " + ("run" if report.ok else "NOT run")]
+    lines += [f"problem: {p}" for p in report.problems]
+    lines += [f"- {n}" for n in report.notes]
+    if report.plan_text:
+        lines += ["", "plan:", report.plan_text]
+    sim = report.similarity
+    if sim:
+        names = sim["experts"]
+        lines += ["", "task vectors per layer group (norm of each expert; pairwise cosine):"]
+        for group, values in sim.items():
+            if group == "experts":
+                continue
+            norms = " ".join(f"{values['norm'][n]:.3g}" for n in names)
+            cos = values["cosine"]
+            pairs = " ".join(f"{cos[i][j]:+.3f}" for i in range(len(names)) for j in range(i + 1, len(names)))
+            lines.append(f"  {group:>16}: norms {norms}; cosines {pairs or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""``mergelab check``: compatibility, vocabulary notes, task-vector similarity; writes nothing."""
+
+import numpy as np
+from tinymodels import load_folder, make_base, make_family, write_recipe
+
+from mergelab.cli import main
+
+
+def test_check_reports_plan_and_similarity(tmp_path, capsys):
+    base, experts = make_family(tmp_path, 2, layers=2)
+    recipe = {"merge_method": "ties", "base_model": str(base), "parameters": {"density": [0.2, 0.6]},
+              "models": [{"model": str(e)} for e in experts]}
+    path = write_recipe(tmp_path / "r.yml", recipe)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "would run" in out and "density=[0.2, 0.2]" in out and "expected output size" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # the reported global cosine equals one computed here from the folders
+    b, e0, e1 = (load_folder(p) for p in (base, *experts))
+    d0 = np.concatenate([(e0[k] - b[k]).double().numpy().ravel() for k in sorted(b)])
+    d1 = np.concatenate([(e1[k] - b[k]).double().numpy().ravel() for k in sorted(b)])
+    expected = d0 @ d1 / np.linalg.norm(d0) / np.linalg.norm(d1)
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("all:"))
+    assert abs(float(line.split("cosines")[1]) - expected) < 5e-4
+
+
+def test_check_lists_problems_with_non_zero_exit(tmp_path, capsys):
+    base = make_base(tmp_path / "base", vocab=96)
+    small = make_base(tmp_path / "small", vocab=90, seed=2)
+    path = write_recipe(tmp_path / "r.yml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                             "models": [{"model": str(small)}]})
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "would NOT run" in out and "problem:" in out and "shape" in out
+
+
+def test_check_notes_vocabulary_rows_dropped(tmp_path, capsys):
+    base = make_base(tmp_path / "base", vocab=96)
+    big = make_base(tmp_path / "big", vocab=100, seed=2)
+    path = write_recipe(tmp_path / "r.yml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                             "models": [{"model": str(big)}]})
+    assert main(["check", str(path), "--no-similarity"]) == 0
+    assert "vocab_size 100 vs 96" in capsys.readouterr().out
