@@ -75,9 +75,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register_check(subparsers) -> None:
-    p = subparsers.add_parser("check", help="report whether a recipe would merge, and what it would do (writes nothing)")
+    p = subparsers.add_parser("check", help="report whether a recipe would merge and what it would do (no writes)")
     p.add_argument("recipe", help="YAML recipe")
-    p.add_argument("--no-similarity", action="store_true", help="skip the task-vector norms and cosines (reads weights)")
+    p.add_argument("--no-similarity", action="store_true",
+                   help="skip the task-vector norms and cosines (which read every weight)")
     add_merge_flags(p)
     p.set_defaults(func=cmd_check)
 

@@ -17,6 +17,7 @@ from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import OutputSlice, Recipe
 from mergelab.errors import RecipeError
 from mergelab.methods.spec import MethodSpec, TensorInfo
+from mergelab.params import validate_scope
 from mergelab.plan import (
     MergePlan,
     Source,
@@ -27,7 +28,6 @@ from mergelab.plan import (
     tokenizer_folder,
     vocab_rows,
 )
-from mergelab.params import validate_scope
 
 
 def _check_slice(index: int, out_slice: OutputSlice, spec: MethodSpec, readers: dict[str, ModelReader],

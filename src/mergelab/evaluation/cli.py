@@ -1,4 +1,7 @@
-"""``mergelab eval MODEL --tasks ...``: accuracy, repetition, pass@n, self-consistency, perplexity."""
+"""``mergelab eval MODEL --tasks ...``: accuracy, repetition, pass@n, self-consistency, perplexity.
+
+``--lm-eval TASKS`` also runs the same tasks (and GSM8K) through lm-evaluation-harness, offline.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from mergelab.evaluation import lm_eval_bridge
 from mergelab.evaluation.runner import evaluate, format_table
 
 
@@ -38,15 +42,61 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.add_argument(
+        "--lm-eval",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="run these tasks through lm-evaluation-harness offline (zoo task names, gsm8k = the held-out "
+        "part of the GSM8K test set, gsm8k_all = all of it); needs pip install 'mergelab[lmeval]'",
+    )
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many items per task")
+    p.add_argument(
+        "--lm-eval-dir",
+        type=Path,
+        default=None,
+        help="lm-eval: keep the task YAML/JSONL, results.json and per-item samples here (default: a "
+        "temporary folder, removed afterwards)",
+    )
     p.set_defaults(func=handler)
     return p
 
 
 def handler(args: argparse.Namespace) -> int:
+    if args.lm_eval:
+        lm_eval_bridge.require_lm_eval()  # fail before any model is loaded
+    results: dict = {}
+    if args.tasks or args.ppl_file is not None or not args.lm_eval:
+        results = _native(args)
+        print(format_table(results))
+    if args.lm_eval:
+        lm_results = lm_eval_bridge.run_lm_eval(
+            args.model,
+            args.lm_eval,
+            out_dir=args.lm_eval_dir,
+            limit=args.limit,
+            n_items=args.items,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            device=args.device,
+            chat=args.chat,
+            seed=args.seed,
+        )
+        print(lm_eval_bridge.format_table(lm_results))
+        results["lm_eval"] = lm_eval_bridge.standard_results(lm_results)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _native(args: argparse.Namespace) -> dict:
+    """mergelab's own evaluation (``--tasks``, ``--ppl-file``)."""
     ppl_texts = None
     if args.ppl_file is not None:
         ppl_texts = [t.strip() for t in args.ppl_file.read_text().split("\n\n") if t.strip()]
-    results = evaluate(
+    return evaluate(
         args.model,
         args.tasks,
         n_items=args.items,
@@ -63,9 +113,3 @@ def handler(args: argparse.Namespace) -> int:
         keep_generations=args.keep_generations,
         progress=sys.stderr.isatty(),
     )
-    print(format_table(results))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"results written to {args.out}")
-    return 0
