@@ -3,7 +3,8 @@
 Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` output
 tensors (memory-mapped, checked for NaN/Inf), the calling thread runs the method, and a writer thread appends
 results to the current shard. Only the tensors in flight are in memory, so peak memory is bounded by about
-``read_ahead + 2`` tensor groups whatever the model size. The engine knows nothing of a method's maths.
+``read_ahead + 2`` tensor groups whatever the model size; for elementwise methods a large tensor is split
+into row blocks of at most ``chunk_elements`` elements, so memory does not grow even with the largest tensor. The engine knows nothing of a method's maths.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class MergeOptions:
     seed: int | None = None
     read_ahead: int = 2
     read_threads: int = 2
+    chunk_elements: int = 1 << 24
     progress: bool = True
 
 
@@ -81,13 +83,39 @@ def plan_key(plan: MergePlan, options: MergeOptions) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _read(plan: MergePlan, job: TensorJob) -> list[torch.Tensor]:
-    """Inputs of one job (base first if any), rows trimmed by the vocabulary rule, checked finite."""
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of one output tensor: the whole tensor, or a row block of an elementwise method."""
+
+    shard: int
+    job: TensorJob
+    start: int
+    stop: int
+    whole: bool
+
+
+def pieces(plan: MergePlan, shard: int, job: TensorJob, max_elements: int) -> list[Piece]:
+    """Split a job into row blocks of at most ``max_elements`` when its method is elementwise."""
+    rows = job.shape[0] if job.shape else 1
+    row_size = max(1, torch.Size(job.shape[1:]).numel()) if job.shape else 1
+    per_piece = max(1, max_elements // row_size)
+    if not plan.method.elementwise or rows <= per_piece or not job.shape:
+        return [Piece(shard, job, 0, rows, True)]
+    return [Piece(shard, job, a, min(a + per_piece, rows), False) for a in range(0, rows, per_piece)]
+
+
+def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
+    """Inputs of one piece (base first if any), rows trimmed by the vocabulary rule, checked finite."""
     tensors = []
+    job = piece.job
     for source in ([job.base] if job.base else []) + job.experts:
-        tensor = plan.readers[source.model].get(source.name)
-        if source.rows is not None:
-            tensor = tensor[: source.rows]
+        reader = plan.readers[source.model]
+        if piece.whole:
+            tensor = reader.get(source.name)
+            if source.rows is not None:
+                tensor = tensor[: source.rows]
+        else:
+            tensor = reader.get(source.name, (piece.start, piece.stop))
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; repair or "
                                   "exclude this model")
@@ -95,9 +123,10 @@ def _read(plan: MergePlan, job: TensorJob) -> list[torch.Tensor]:
     return tensors
 
 
-def _compute(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], options: MergeOptions,
+def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options: MergeOptions,
              seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the method on one job; return the output (in the output dtype, on CPU) and its statistics."""
+    """Run the method on one piece; return the output (output dtype, on CPU) and its element counts."""
+    job = piece.job
     compute_dtype = torch.float64 if options.float64 else torch.float32
     moved = [t.to(options.device, compute_dtype) for t in inputs]
     base = moved[0] if job.base else None
@@ -112,20 +141,24 @@ def _compute(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], option
     if not torch.isfinite(out).all():
         raise RecipeError(f"method '{plan.method.name}' produced NaN or Inf in tensor '{job.name}' (as "
                           f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
-    stats: dict[str, Any] = {"numel": out.numel()}
     sources = ([job.base] if job.base else []) + job.experts
-    equal = {s.model: _fraction_equal(out, t) for s, t in zip(sources, inputs)}
-    if job.base is not None:
-        stats["changed_from_base"] = 1.0 - equal[job.base.model]
-    stats["equal_to"] = equal
-    stats.update(method_stats)
-    return out, stats
+    counts = {"numel": out.numel(),
+              "equal_to": {s.model: torch.count_nonzero(out == t.to(out.dtype)).item() for s, t in zip(sources, inputs)}}
+    return out, {**counts, **method_stats}
 
 
-def _fraction_equal(out: torch.Tensor, parent: torch.Tensor) -> float:
-    """Fraction of output elements equal to a parent's, compared in the output dtype."""
-    parent = parent.to(out.dtype)
-    return torch.count_nonzero(out == parent).item() / max(out.numel(), 1)
+def _add_counts(stats: MergeStats, piece: Piece, counts: dict[str, Any]) -> None:
+    """Accumulate a piece's counts; turn them into fractions when its tensor is complete."""
+    entry = stats.tensors.setdefault(piece.job.name, {"numel": 0, "equal_to": {}})
+    entry["numel"] += counts.pop("numel")
+    for model, n in counts.pop("equal_to").items():
+        entry["equal_to"][model] = entry["equal_to"].get(model, 0) + n
+    entry.update(counts)
+    if piece.stop == (piece.job.shape[0] if piece.job.shape else 1):
+        total = max(entry["numel"], 1)
+        entry["equal_to"] = {m: n / total for m, n in entry["equal_to"].items()}
+        if piece.job.base is not None:
+            entry["changed_from_base"] = 1.0 - entry["equal_to"][piece.job.base.model]
 
 
 class _Writer(threading.Thread):
@@ -172,36 +205,38 @@ def stream(plan: MergePlan, output: OutputFolder, options: MergeOptions, seed: i
     shards = plan_shards(planned, options.shard_size)
     names = shard_file_names(len(shards))
     jobs = {job.name: job for job in plan.jobs}
-    todo = [(i, jobs[t.name]) for i, shard in enumerate(shards) if names[i] not in output.done for t in shard]
+    todo = [piece for i, shard in enumerate(shards) if names[i] not in output.done for t in shard
+            for piece in pieces(plan, i, jobs[t.name], options.chunk_elements)]
     stats = MergeStats()
     writer = _Writer(output, shards, names)
     writer.start()
-    bar = tqdm(total=len(plan.jobs), initial=len(plan.jobs) - len(todo), unit="tensor", disable=not options.progress,
-               desc="merging")
+    done_before = len(plan.jobs) - len({p.job.name for p in todo})
+    bar = tqdm(total=len(plan.jobs), initial=done_before, unit="tensor", disable=not options.progress, desc="merging")
     started = time.perf_counter()
-    pending: deque[tuple[int, TensorJob, Future]] = deque()
+    pending: deque[tuple[Piece, Future]] = deque()
     try:
         with ThreadPoolExecutor(max_workers=options.read_threads) as pool:
             upcoming = iter(todo)
-            for shard_index, job in upcoming:
-                pending.append((shard_index, job, pool.submit(_read, plan, job)))
+            for piece in upcoming:
+                pending.append((piece, pool.submit(_read, plan, piece)))
                 if len(pending) > options.read_ahead:
                     break
             while pending:
-                shard_index, job, future = pending.popleft()
+                piece, future = pending.popleft()
                 inputs = future.result()
-                next_item = next(upcoming, None)
-                if next_item is not None:
-                    pending.append((*next_item, pool.submit(_read, plan, next_item[1])))
+                next_piece = next(upcoming, None)
+                if next_piece is not None:
+                    pending.append((next_piece, pool.submit(_read, plan, next_piece)))
                 stats.bytes_read += sum(t.numel() * t.element_size() for t in inputs)
-                out, tensor_stats = _compute(plan, job, inputs, options, seed)
+                out, counts = _compute(plan, piece, inputs, options, seed)
                 del inputs
-                stats.tensors[job.name] = tensor_stats
-                writer.put((shard_index, job.name, out))
-                bar.update(1)
+                _add_counts(stats, piece, counts)
+                writer.put((piece.shard, piece.job.name, out))
+                if piece.stop == (piece.job.shape[0] if piece.job.shape else 1):
+                    bar.update(1)
                 bar.set_postfix_str(f"{stats.bytes_read / 1e9 / max(time.perf_counter() - started, 1e-9):.2f} GB/s")
     finally:
-        for _, _, future in pending:
+        for _, future in pending:
             future.cancel()
         writer.queue.put(None)
         writer.join()

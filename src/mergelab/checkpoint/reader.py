@@ -98,10 +98,11 @@ class ModelReader:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a copy out of the memory map)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or rows ``[start, stop)`` of it (a copy out of the memory map)."""
         if self.pickle_state is not None:
-            return self.pickle_state[name]
+            tensor = self.pickle_state[name]
+            return tensor if rows is None else tensor[rows[0]: rows[1]]
         entry = self.entries[name]
         with self._lock:
             handle = self._handles.get(entry.file)
@@ -110,7 +111,9 @@ class ModelReader:
 
                 handle = safe_open(str(entry.file), framework="pt", device="cpu")
                 self._handles[entry.file] = handle
-        return handle.get_tensor(name)
+        if rows is None:
+            return handle.get_tensor(name)
+        return handle.get_slice(name)[rows[0]: rows[1]]
 
     @property
     def model_type(self) -> str | None:

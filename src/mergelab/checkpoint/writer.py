@@ -77,6 +77,7 @@ class ShardWriter:
         self.expected = [t.name for t in tensors]
         self.planned = {t.name: t for t in tensors}
         self.written = 0
+        self.tensor_bytes = 0
         self.sha = hashlib.sha256()
         self.file = open(self.tmp, "wb")
         self._write(safetensors_header(tensors, {"format": "pt"}))
@@ -85,12 +86,19 @@ class ShardWriter:
         self.file.write(data)
         self.sha.update(data)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, block: torch.Tensor) -> None:
+        """Append a tensor, or the next row block of one; blocks of a tensor must come in row order."""
         planned = self.planned[name]
-        if name != self.expected[self.written] or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(f"internal: tensor {name} {tuple(tensor.shape)} {tensor.dtype} out of plan")
-        self._write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
-        self.written += 1
+        if name != self.expected[self.written] or block.shape[1:] != planned.shape[1:] or block.dtype != planned.dtype:
+            raise RuntimeError(f"internal: tensor {name} {tuple(block.shape)} {block.dtype} out of plan")
+        data = memoryview(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._write(data)
+        self.tensor_bytes += len(data)
+        if self.tensor_bytes > planned.nbytes:
+            raise RuntimeError(f"internal: tensor {name} received more bytes than planned")
+        if self.tensor_bytes == planned.nbytes:
+            self.written += 1
+            self.tensor_bytes = 0
 
     @property
     def complete(self) -> bool:

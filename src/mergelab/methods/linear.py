@@ -29,5 +29,6 @@ SPECS = (
                 Param("int8_mask", bool, default=False, help="accepted for mergekit recipes; no effect")),
         citation="Wortsman et al. 2022, Model soups",
         base="ignored",
+        elementwise=True,
     ),
 )

@@ -21,6 +21,7 @@ SPECS = (
         params=(Param("scale", float, default=None, per_model=True, help="multiply this source's tensor"),),
         citation="mergekit passthrough (layer stacking)",
         base="ignored",
+        elementwise=True,
         max_experts=1,
     ),
 )

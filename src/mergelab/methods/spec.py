@@ -125,7 +125,8 @@ class MethodSpec:
 
     ``base``: 'required' (task-vector methods), 'optional', or 'ignored' (a base given is only warned about).
     ``min_experts``/``max_experts`` count the non-base models. ``random``: the function draws from
-    ``MethodCall.generator``. ``prepare``/``finish``: optional model-level passes before and after streaming
+    ``MethodCall.generator``. ``elementwise``: each output element depends only on the same element of the
+    inputs (and the parameters), so the engine may compute a large tensor in row blocks to bound memory. ``prepare``/``finish``: optional model-level passes before and after streaming
     (FIM-Merging's Fisher, residual norm calibration); the per-tensor function stays pure.
     """
 
@@ -137,6 +138,7 @@ class MethodSpec:
     min_experts: int = 1
     max_experts: int | None = None
     random: bool = False
+    elementwise: bool = False
     prepare: Callable[..., Any] | None = None
     finish: Callable[..., Any] | None = None
     aliases_of: str | None = None

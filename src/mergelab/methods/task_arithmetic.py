@@ -159,6 +159,6 @@ def ties_update(call: MethodCall) -> torch.Tensor:
 
 SPECS = tuple(
     MethodSpec(name=f.name, fn=_merge(f), params=f.params, citation=f.citation, base="required",
-               random=f.sparsifier in ("random", "magprune"))
+               random=f.sparsifier in ("random", "magprune"), elementwise=f.sparsifier is None and not f.elect)
     for f in FAMILY
 )
