@@ -364,3 +364,19 @@ def test_pickles_refused_unless_allowed(fresh, tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yml", recipe_for(base, [expert]))
     assert main(["merge", str(path), str(tmp_path / "ok"), "--allow-pickle"]) == 0
     shutil.rmtree(tmp_path / "ok")
+
+
+def test_row_blocks_give_the_same_bytes_as_whole_tensors(family, tmp_path):
+    base, experts = family
+    for method in ("task_arithmetic", "linear"):
+        recipe = recipe_for(base, experts, method)
+        whole = merge(recipe, tmp_path / f"{method}-whole")
+        blocks = merge(recipe, tmp_path / f"{method}-blocks", chunk_elements=100, shard_size=30_000)
+        a, b = load_folder(whole), load_folder(blocks)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        stats_a = json.loads((whole / "mergelab.json").read_text())["tensors"]
+        stats_b = json.loads((blocks / "mergelab.json").read_text())["tensors"]
+        for name, s in stats_a.items():
+            assert s["numel"] == stats_b[name]["numel"]
+            for model, frac in s["equal_to"].items():
+                assert abs(frac - stats_b[name]["equal_to"][model]) < 1e-12
