@@ -1,0 +1,151 @@
+"""Subspace merges: TSV-Merge, Iso-C, Iso-CTS and Subspace Boosting after Task Arithmetic or TIES.
+
+Equations are those of the in-the-wild merging study (``003`` in the papers folder), section 4.1; Iso-CTS
+follows Marczak et al. 2025 ("No Task Left Behind", sec. 4.2). Task vectors are ``δ_i = θ_i − θ_0``, scaled
+by the per-model ``weight`` α_i (1 by default, as in the study). The result is ``θ_0 + λ Δ``.
+
+Rule for tensors that are not 2-D matrices in the layer stack (embeddings, output head, norms, biases, other
+1-D tensors): there is no spectrum to work on, so ``tsv``, ``iso_c`` and ``iso_cts`` use the study's choice,
+the task-vector mean ``Δ = Σ_i α_i δ_i / Σ_i α_i``, and the Subspace Boosting methods use the unboosted update
+of the method they boost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mergelab.methods.geometry import normalised_weights
+from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
+from mergelab.methods.task_arithmetic import (
+    LAMBDA,
+    TASK_ARITHMETIC_PARAMS,
+    TIES_PARAMS,
+    task_arithmetic_update,
+    ties_update,
+)
+from mergelab.ops.spectral import isotropic, polar_factor, subspace_boost, top_components
+
+BETA = Param("beta", float, default=0.2, low=0.0, high=1.0,
+             help="Subspace Boosting threshold on the cumulative normalised singular-value sum (eq. 11)")
+COMMON_SPACE_FRACTION = Param("common_space_fraction", float, default=0.8, low=0.0, high=1.0,
+                              help="Iso-CTS: share of the rank given to the common subspace")
+Stats = dict[str, float]
+
+
+def uses_spectrum(call: MethodCall) -> bool:
+    """Whether this tensor is a 2-D matrix in the layer stack, the tensors the SVD methods operate on."""
+    return call.info.is_matrix_in_layer and call.base.dim() == 2
+
+
+def weighted_task_vectors(call: MethodCall) -> list[torch.Tensor]:
+    """``α_i δ_i`` for every expert."""
+    return [w * (e - call.base) for w, e in zip(call.params["weight"], call.experts, strict=True)]
+
+
+def _mean_rule(call: MethodCall) -> tuple[torch.Tensor, Stats]:
+    """The non-matrix rule: ``θ_0 + λ Σ_i α_i δ_i / Σ_i α_i`` (see the module docstring)."""
+    weights = normalised_weights(call, "task-vector mean")
+    update = torch.tensordot(weights, torch.stack([e - call.base for e in call.experts]), dims=1)
+    return call.base + call.params["lambda"] * update, {}
+
+
+def tsv(call: MethodCall) -> tuple[torch.Tensor, Stats]:
+    """TSV-Merge (Gargiulo et al. 2025; study eq. 5-8) of one matrix.
+
+    Each task vector keeps its top ``floor(r / T)`` singular triplets (r = min(m, n), T tasks; at least one,
+    so with more tasks than r the orthogonalised bases have orthonormal rows rather than columns). The kept
+    ``U_i`` and ``V_i`` are concatenated and replaced by their closest orthogonal factors ``U_⊥``, ``V_⊥``
+    (eq. 7), and ``Δ = U_⊥ Σ V_⊥^T`` with the concatenated singular values.
+    """
+    if not uses_spectrum(call):
+        return _mean_rule(call)
+    deltas = weighted_task_vectors(call)
+    rank = max(1, min(call.base.shape) // len(deltas))
+    parts = [top_components(d, rank) for d in deltas]
+    left = polar_factor(torch.cat([u for u, _, _ in parts], dim=1))
+    right_t = polar_factor(torch.cat([vh for _, _, vh in parts], dim=0))
+    values = torch.cat([s for _, s, _ in parts])
+    update = ((left * values) @ right_t).to(call.base.dtype)
+    return call.base + call.params["lambda"] * update, {"tsv_rank_per_task": float(rank)}
+
+
+def iso_c(call: MethodCall) -> tuple[torch.Tensor, Stats]:
+    """Iso-C (Marczak et al. 2025; study eq. 9-10): the summed task vector ``Σ_i α_i δ_i`` with every singular
+    value replaced by their mean, ``Δ = σ̄ U V^T``."""
+    if not uses_spectrum(call):
+        return _mean_rule(call)
+    update, mean_value = isotropic(torch.stack(weighted_task_vectors(call)).sum(dim=0))
+    return call.base + call.params["lambda"] * update, {"iso_mean_singular_value": mean_value}
+
+
+def iso_cts_dimensions(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
+    """Sizes of the common subspace and of each task-specific subspace, summing to ``rank``.
+
+    As in the authors' code: ``per_task = round((r − floor(r f)) / T)``, capped at ``floor(r / T)`` so the
+    common part is never negative, and the common part takes the rest, ``r − T · per_task``.
+    """
+    per_task = min(rank // tasks, round((rank - int(rank * common_fraction)) / tasks))
+    return rank - tasks * per_task, per_task
+
+
+def iso_cts(call: MethodCall) -> tuple[torch.Tensor, Stats]:
+    """Iso-CTS (Marczak et al. 2025, Algorithm 1) of one matrix.
+
+    The common subspace is the top ``k`` singular triplets of the summed task vector ``Σ_i α_i δ_i``. Each
+    task vector, with the common left subspace projected out (``(I − U_k U_k^T) α_i δ_i``), contributes its
+    top ``s`` triplets (``k`` and ``s`` from ``iso_cts_dimensions``). The concatenated left and right bases
+    are orthogonalised by their polar factors and every direction gets the mean of the concatenated singular
+    values: ``Δ = σ̄ U_⊥ V_⊥^T``. With ``common_space_fraction: 1`` this is Iso-C.
+    """
+    if not uses_spectrum(call):
+        return _mean_rule(call)
+    deltas = weighted_task_vectors(call)
+    fraction = call.params["common_space_fraction"]
+    common, per_task = iso_cts_dimensions(min(call.base.shape), len(deltas), fraction)
+    common_left, common_values, common_right_t = top_components(torch.stack(deltas).sum(dim=0), common)
+    parts = [(common_left, common_values, common_right_t)]
+    if per_task > 0:
+        for delta in deltas:
+            specific = delta - common_left @ (common_left.T @ delta)
+            parts.append(top_components(specific, per_task))
+    left = polar_factor(torch.cat([u for u, _, _ in parts], dim=1))
+    right_t = polar_factor(torch.cat([vh for _, _, vh in parts], dim=0))
+    mean_value = torch.cat([s for _, s, _ in parts]).mean()
+    update = (mean_value * (left @ right_t)).to(call.base.dtype)
+    stats = {"iso_mean_singular_value": float(mean_value), "iso_cts_common_rank": float(common),
+             "iso_cts_rank_per_task": float(per_task)}
+    return call.base + call.params["lambda"] * update, stats
+
+
+def _boosted(name: str, update_fn: Callable[[MethodCall], torch.Tensor]) -> Callable[[MethodCall], tuple]:
+    """A Subspace Boosting method on top of ``update_fn``, the merged update of Task Arithmetic or TIES."""
+
+    def merge(call: MethodCall) -> tuple[torch.Tensor, Stats]:
+        update = update_fn(call)
+        stats: Stats = {}
+        if uses_spectrum(call):
+            update, stats = subspace_boost(update, call.params["beta"])
+        return call.base + call.params["lambda"] * update, stats
+
+    merge.__name__ = name
+    merge.__doc__ = (f"{name}: ``θ_0 + λ boost(Δ)`` (study eq. 11) with ``Δ`` from ``{update_fn.__name__}``"
+                     " and ``boost`` = ``ops.spectral.subspace_boost`` on 2-D matrices of the layer stack.")
+    return merge
+
+
+SB_CITATION = "Skorobogat et al. 2025, Subspace Boosting"
+SPECS = (
+    MethodSpec(name="tsv", fn=tsv, params=(weight_param(), LAMBDA),
+               citation="Gargiulo et al. 2025, Task Singular Vectors (TSV-Merge)", base="required"),
+    MethodSpec(name="iso_c", fn=iso_c, params=(weight_param(), LAMBDA),
+               citation="Marczak et al. 2025, No Task Left Behind (Iso-C)", base="required"),
+    MethodSpec(name="iso_cts", fn=iso_cts, params=(weight_param(), LAMBDA, COMMON_SPACE_FRACTION),
+               citation="Marczak et al. 2025, No Task Left Behind (Iso-CTS)", base="required"),
+    MethodSpec(name="task_arithmetic_sb", fn=_boosted("task_arithmetic_sb", task_arithmetic_update),
+               params=(*TASK_ARITHMETIC_PARAMS, BETA), citation=f"{SB_CITATION}, after Task Arithmetic",
+               base="required"),
+    MethodSpec(name="ties_sb", fn=_boosted("ties_sb", ties_update), params=(*TIES_PARAMS, BETA),
+               citation=f"{SB_CITATION}, after TIES-Merging", base="required"),
+)
