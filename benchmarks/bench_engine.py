@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
-from safetensors.torch import save_file
 
 SHAPES = {
     # name: (architecture, model_type, vocab, hidden, intermediate, layers, heads, kv_heads, qkv_bias)
@@ -45,7 +43,11 @@ def layer_shapes(hidden: int, inter: int, heads: int, kv: int, bias: bool) -> di
 
 
 def write_model(folder: Path, shape: str, seed: int, base: Path | None) -> None:
-    """A bf16 checkpoint of the given shape; an expert is its base plus seeded noise."""
+    """A bf16 checkpoint of the given shape; an expert is its base plus seeded noise. Runs in a child process
+    (``--write``) so that the measuring parent stays small: a child's peak RSS can include its parent's."""
+    import torch
+    from safetensors.torch import save_file
+
     arch, model_type, vocab, hidden, inter, layers, heads, kv, bias = SHAPES[shape]
     folder.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
@@ -108,7 +110,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergelab-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--mergelab-args", default="", help="extra flags for mergelab merge")
+    parser.add_argument("--write", nargs=4, metavar=("FOLDER", "SHAPE", "SEED", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write:
+        folder, shape, seed, base = args.write
+        write_model(Path(folder), shape, int(seed), None if base == "-" else Path(base))
+        return
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     rows = []
@@ -117,13 +124,12 @@ def main() -> None:
         folders = [root / "base", root / "expert0", root / "expert1"]
         if not all((f / "model.safetensors").exists() for f in folders):
             shutil.rmtree(root, ignore_errors=True)
-            write_model(folders[0], shape, 0, None)
-            for i, f in enumerate(folders[1:]):
-                write_model(f, shape, i + 1, folders[0])
+            for i, f in enumerate(folders):
+                subprocess.run([sys.executable, __file__, "--write", str(f), shape, str(i),
+                                "-" if i == 0 else str(folders[0])], check=True)
         inputs = [str(f / "model.safetensors") for f in folders]
         out_bytes = (folders[0] / "model.safetensors").stat().st_size
-        for path in inputs:  # warm the page cache the same way for every contestant
-            Path(path).read_bytes()
+        subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)  # warm the page cache once
         floor_out = root / "floor.bin"
         floor = run_measured([sys.executable, "-c", IO_FLOOR, str(out_bytes), *inputs],
                              dict(env, FLOOR_OUT=str(floor_out)))

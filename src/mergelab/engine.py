@@ -49,7 +49,7 @@ class MergeOptions:
     seed: int | None = None
     read_ahead: int = 2
     read_threads: int = 2
-    chunk_elements: int = 1 << 24
+    chunk_elements: int = 1 << 22
     progress: bool = True
 
 
