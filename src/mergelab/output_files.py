@@ -28,7 +28,8 @@ def _versions() -> dict[str, str]:
 
 
 def per_layer(tensor_stats: dict[str, dict[str, Any]], plan: MergePlan) -> dict[str, dict[str, float]]:
-    """Element-weighted means of the per-tensor fractions, per layer ('embed/head/norm' outside the stack)."""
+    """Element-weighted means of the per-tensor fractions and method statistics, per layer (tensors outside the
+    layer stack under 'outside_layers')."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for job in plan.jobs:
         stats = tensor_stats.get(job.name)
@@ -41,6 +42,9 @@ def per_layer(tensor_stats: dict[str, dict[str, Any]], plan: MergePlan) -> dict[
             sums[key]["changed_from_base"] += stats["changed_from_base"] * n
         for model, frac in stats["equal_to"].items():
             sums[key][f"equal_to:{model}"] += frac * n
+        for name, value in stats.items():  # a method's own figures, element-weighted
+            if name not in ("numel", "equal_to", "changed_from_base") and isinstance(value, (int, float)):
+                sums[key][f"mean:{name}"] += value * n
     return {key: {k: (v if k == "numel" else v / s["numel"]) for k, v in s.items()} for key, s in sums.items()}
 
 

@@ -1,0 +1,1 @@
+"""The demo and the papers' experiment protocols, their executors and reports."""
