@@ -380,3 +380,36 @@ def test_row_blocks_give_the_same_bytes_as_whole_tensors(family, tmp_path):
             assert s["numel"] == stats_b[name]["numel"]
             for model, frac in s["equal_to"].items():
                 assert abs(frac - stats_b[name]["equal_to"][model]) < 1e-12
+
+
+def test_model_level_passes_reach_the_method_and_the_output(family, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from mergelab.methods import METHODS
+    from mergelab.methods.spec import ModelPass
+
+    base, experts = family
+    seen = {}
+
+    def prepare(plan, options):
+        return ModelPass(params={job.name: {"layer_scale": 1.0 + (job.info.layer or 0)} for job in plan.jobs},
+                         record={"note": "prepared"})
+
+    def fn(call):
+        seen[call.info.name] = call.params["layer_scale"]
+        return call.base * call.params["layer_scale"]
+
+    def finish(plan, folder, options):
+        assert (folder / "config.json").exists()
+        return ModelPass(scales={"model.norm.weight": 3.0}, record={"note": "finished"})
+
+    spec = replace(METHODS["task_arithmetic"], name="scaled", fn=fn, prepare=prepare, finish=finish)
+    monkeypatch.setitem(METHODS, "scaled", spec)
+    out = merge(recipe_for(base, experts, "scaled"), tmp_path / "out", shard_size=20_000)
+    merged, b = load_folder(out), load_folder(base)
+    assert seen["model.layers.2.mlp.up_proj.weight"] == 3.0
+    name = "model.layers.2.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], 3.0 * b[name])
+    torch.testing.assert_close(merged["model.norm.weight"], 3.0 * b["model.norm.weight"])
+    record = json.loads((out / "mergelab.json").read_text())
+    assert record["prepare"]["note"] == "prepared" and record["finish"]["rescaled"] == {"model.norm.weight": 3.0}

@@ -4,7 +4,8 @@ Reading, computing and writing overlap: a small thread pool reads the inputs of 
 tensors (memory-mapped, checked for NaN/Inf), the calling thread runs the method, and a writer thread appends
 results to the current shard. Only the tensors in flight are in memory, so peak memory is bounded by about
 ``read_ahead + 2`` tensor groups whatever the model size; for elementwise methods a large tensor is split
-into row blocks of at most ``chunk_elements`` elements, so memory does not grow even with the largest tensor. The engine knows nothing of a method's maths.
+into row blocks of at most ``chunk_elements`` elements, so memory does not grow even with the largest tensor.
+The engine knows nothing of a method's maths.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,7 +30,7 @@ from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, ShardWriter,
 from mergelab.config import Recipe
 from mergelab.errors import CheckpointError, MergelabError, OutputError, RecipeError
 from mergelab.methods.spec import MethodCall
-from mergelab.output_files import write_metadata_files
+from mergelab.output_files import write_model_files, write_record
 from mergelab.plan import MergePlan, TensorJob, build_plan, resolve_model_path
 
 log = logging.getLogger("mergelab")
@@ -142,8 +144,8 @@ def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
         raise RecipeError(f"method '{plan.method.name}' produced NaN or Inf in tensor '{job.name}' (as "
                           f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
     sources = ([job.base] if job.base else []) + job.experts
-    counts = {"numel": out.numel(),
-              "equal_to": {s.model: torch.count_nonzero(out == t.to(out.dtype)).item() for s, t in zip(sources, inputs)}}
+    equal = {s.model: torch.count_nonzero(out == t.to(out.dtype)).item() for s, t in zip(sources, inputs)}
+    counts = {"numel": out.numel(), "equal_to": equal}
     return out, {**counts, **method_stats}
 
 
@@ -246,6 +248,24 @@ def stream(plan: MergePlan, output: OutputFolder, options: MergeOptions, seed: i
     return stats
 
 
+def rescale_written(folder: Path, scales: dict[str, float]) -> None:
+    """Multiply written tensors by factors (a ``finish`` pass), one shard in memory at a time, in float32."""
+    if not scales:
+        return
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if not scales.keys() & tensors.keys():
+            continue
+        for name, factor in scales.items():
+            if name in tensors:
+                tensors[name] = (tensors[name].float() * factor).to(tensors[name].dtype)
+        tmp = shard.with_name(shard.name + ".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, shard)
+
+
 def run_merge(recipe: Recipe, out_dir: str | Path, options: MergeOptions | None = None,
               recipe_dir: Path | None = None) -> Path:
     """Merge a validated recipe into ``out_dir``. User errors raise ``MergelabError`` and leave nothing."""
@@ -261,8 +281,19 @@ def run_merge(recipe: Recipe, out_dir: str | Path, options: MergeOptions | None 
     output = OutputFolder(out_dir, [r.folder for r in readers.values()], options.overwrite, options.resume,
                           plan_key(plan, options))
     try:
+        passes: dict[str, dict[str, Any]] = {}
+        if plan.method.prepare is not None:
+            prepared = plan.method.prepare(plan, options)
+            for job in plan.jobs:
+                job.params.update(prepared.params.get(job.name, {}))
+            passes["prepare"] = prepared.record
         stats = stream(plan, output, options, seed)
-        write_metadata_files(plan, output, stats.tensors, options.shard_size, seed)
+        write_model_files(plan, output, options.shard_size)
+        if plan.method.finish is not None:
+            finished = plan.method.finish(plan, output.partial, options)
+            rescale_written(output.partial, finished.scales)
+            passes["finish"] = {**finished.record, "rescaled": finished.scales}
+        write_record(plan, output, stats.tensors, seed, passes)
     except MergelabError:
         output.discard()
         raise

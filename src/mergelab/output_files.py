@@ -54,9 +54,8 @@ def model_card(plan: MergePlan) -> str:
             f"Base: {plan.recipe.base_model or '(none)'}\n\nRecipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
 
 
-def write_metadata_files(plan: MergePlan, output: OutputFolder, tensor_stats: dict[str, dict[str, Any]],
-                         shard_size: int, seed: int) -> None:
-    """Write index (when sharded), config, tokenizer and generation config, model card and ``mergelab.json``."""
+def write_model_files(plan: MergePlan, output: OutputFolder, shard_size: int) -> None:
+    """Write what makes the folder loadable: index (when sharded), config, tokenizer, generation config."""
     planned = [PlannedTensor(job.name, job.shape, plan.out_dtype) for job in plan.jobs]
     shards = plan_shards(planned, shard_size)
     names = shard_file_names(len(shards))
@@ -76,6 +75,11 @@ def write_metadata_files(plan: MergePlan, output: OutputFolder, tensor_stats: di
         output.copy_in(reference / "generation_config.json")
     if plan.recipe.chat_template:
         output.write_text("chat_template.jinja", plan.recipe.chat_template)
+
+
+def write_record(plan: MergePlan, output: OutputFolder, tensor_stats: dict[str, dict[str, Any]], seed: int,
+                 passes: dict[str, dict[str, Any]]) -> None:
+    """Write the model card and ``mergelab.json`` (with the records of the method's model-level passes)."""
     output.write_text("README.md", model_card(plan))
     record = {
         "mergelab_version": _versions().get("mergelab"),
@@ -88,5 +92,6 @@ def write_metadata_files(plan: MergePlan, output: OutputFolder, tensor_stats: di
         "warnings": plan.warnings,
         "per_layer": per_layer(tensor_stats, plan),
         "tensors": tensor_stats,
+        **passes,
     }
     output.write_text("mergelab.json", json.dumps(record, indent=1))

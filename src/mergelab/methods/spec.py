@@ -119,6 +119,21 @@ class Param:
 MethodFn = Callable[[MethodCall], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
 
+@dataclass
+class ModelPass:
+    """What a model-level pass gives the engine.
+
+    ``prepare(plan, options)`` runs before streaming; its ``params`` (tensor name -> extra parameters) are merged
+    into each tensor's ``MethodCall.params``. ``finish(plan, folder, options)`` runs once every tensor is written
+    to ``folder`` (a complete model folder, not yet renamed into place); its ``scales`` (tensor name -> factor)
+    are applied to the written tensors. ``record`` goes to ``mergelab.json`` under the pass's name.
+    """
+
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A recipe method: its name, function, parameters and what inputs it takes.
@@ -126,7 +141,8 @@ class MethodSpec:
     ``base``: 'required' (task-vector methods), 'optional', or 'ignored' (a base given is only warned about).
     ``min_experts``/``max_experts`` count the non-base models. ``random``: the function draws from
     ``MethodCall.generator``. ``elementwise``: each output element depends only on the same element of the
-    inputs (and the parameters), so the engine may compute a large tensor in row blocks to bound memory. ``prepare``/``finish``: optional model-level passes before and after streaming
+    inputs (and the parameters), so the engine may compute a large tensor in row blocks to bound memory.
+    ``prepare``/``finish``: optional model-level passes (``ModelPass``) before and after streaming
     (FIM-Merging's Fisher, residual norm calibration); the per-tensor function stays pure.
     """
 
@@ -139,8 +155,8 @@ class MethodSpec:
     max_experts: int | None = None
     random: bool = False
     elementwise: bool = False
-    prepare: Callable[..., Any] | None = None
-    finish: Callable[..., Any] | None = None
+    prepare: Callable[..., ModelPass] | None = None
+    finish: Callable[..., ModelPass] | None = None
     aliases_of: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
 
