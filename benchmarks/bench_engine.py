@@ -103,10 +103,36 @@ with open(os.environ['FLOOR_OUT'], 'wb') as f:
 """
 
 
+# Methods and the inputs they take: a base and one other model, every model without a base, or a base and all
+# experts. mergekit has no tsv, iso_c, iso_cts, *_sb, scf_rkl or scf_kl; those run without it.
+PAIR_METHODS = {"slerp": {"t": 0.5}, "scf_rkl": {}, "scf_kl": {}, "arcee_fusion": {}}
+NO_BASE_METHODS = {"linear", "karcher", "multislerp"}
+NOT_IN_MERGEKIT = {"tsv", "iso_c", "iso_cts", "task_arithmetic_sb", "ties_sb", "scf_rkl", "scf_kl"}
+SPARSE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+def recipe_for(method: str, base: Path, experts: list[Path]) -> tuple[dict, list[Path]]:
+    """A benchmark recipe and the folders it reads."""
+    if method in PAIR_METHODS:
+        models = [{"model": str(experts[0])}]
+        top = PAIR_METHODS[method]
+        return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "bfloat16",
+                **({"parameters": top} if top else {})}, [base, experts[0]]
+    if method in NO_BASE_METHODS:
+        return {"merge_method": method, "dtype": "bfloat16",
+                "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in experts]}, experts
+    per_model = {"weight": 0.5} if method not in ("model_stock", "sce") else {}
+    if method in SPARSE:
+        per_model["density"] = 0.3
+    models = [{"model": str(f), **({"parameters": per_model} if per_model else {})} for f in experts]
+    return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "bfloat16"}, [base, *experts]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2-135m"], choices=sorted(SHAPES))
     parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    parser.add_argument("--experts", type=int, default=2, help="number of experts besides the base")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergelab-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--mergelab-args", default="", help="extra flags for mergelab merge")
@@ -118,42 +144,41 @@ def main() -> None:
         return
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    rows = []
     for shape in args.shapes:
         root = args.workdir / shape
-        folders = [root / "base", root / "expert0", root / "expert1"]
-        if not all((f / "model.safetensors").exists() for f in folders):
-            shutil.rmtree(root, ignore_errors=True)
-            for i, f in enumerate(folders):
+        folders = [root / "base"] + [root / f"expert{i}" for i in range(args.experts)]
+        for i, f in enumerate(folders):
+            if not (f / "model.safetensors").exists():
+                shutil.rmtree(f, ignore_errors=True)
                 subprocess.run([sys.executable, __file__, "--write", str(f), shape, str(i),
                                 "-" if i == 0 else str(folders[0])], check=True)
-        inputs = [str(f / "model.safetensors") for f in folders]
         out_bytes = (folders[0] / "model.safetensors").stat().st_size
-        subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)  # warm the page cache once
-        floor_out = root / "floor.bin"
-        floor = run_measured([sys.executable, "-c", IO_FLOOR, str(out_bytes), *inputs],
-                             dict(env, FLOOR_OUT=str(floor_out)))
-        floor_out.unlink()
+        floors: dict[tuple[str, ...], tuple[float, float]] = {}
         for method in args.methods:
-            params = {"density": 0.3} if method != "task_arithmetic" else {}
-            recipe = {"merge_method": method, "base_model": str(folders[0]), "dtype": "bfloat16",
-                      "models": [{"model": str(f), "parameters": {"weight": 0.5, **params}} for f in folders[1:]]}
+            recipe, used = recipe_for(method, folders[0], folders[1:])
+            inputs = tuple(str(f / "model.safetensors") for f in used)
+            subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+            if inputs not in floors:
+                floor_out = root / "floor.bin"
+                floors[inputs] = run_measured([sys.executable, "-c", IO_FLOOR, str(out_bytes), *inputs],
+                                              dict(env, FLOOR_OUT=str(floor_out)))
+                floor_out.unlink()
             recipe_path = root / f"{method}.yml"
             recipe_path.write_text(yaml.safe_dump(recipe))
-            results = {"floor": floor}
+            results = {"floor": floors[inputs]}
             out = root / f"out-mergelab-{method}"
             shutil.rmtree(out, ignore_errors=True)
             results["mergelab"] = run_measured([str(bin_dir / "mergelab"), "merge", str(recipe_path), str(out),
                                                 *args.mergelab_args.split()], env)
-            if not args.no_mergekit:
+            if not args.no_mergekit and method not in NOT_IN_MERGEKIT:
                 mk_out = root / f"out-mergekit-{method}"
                 shutil.rmtree(mk_out, ignore_errors=True)
                 results["mergekit"] = run_measured([str(bin_dir / "mergekit-yaml"), str(recipe_path), str(mk_out),
                                                     "--no-copy-tokenizer"], env)
                 shutil.rmtree(mk_out, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            rows.append((shape, method, results))
-            print(format_row(shape, method, results), flush=True)
+            print(format_row(f"{shape} N={len(used) - (0 if method in NO_BASE_METHODS else 1)}", method, results),
+                  flush=True)
 
 
 def format_row(shape: str, method: str, results: dict[str, tuple[float, float]]) -> str:

@@ -1,8 +1,5 @@
-"""``eval`` and ``diagnose`` end to end through their argparse sub-commands, on tiny character-level models.
-
-(The ``--size test`` zoo takes minutes to build on this machine; when it is already built in the zoo cache the
-last test runs both commands on its members too.)
-"""
+"""``eval`` and ``diagnose`` end to end through their argparse sub-commands, on tiny character-level models
+and on a merge of the ``--size test`` zoo's members."""
 
 from __future__ import annotations
 
@@ -133,32 +130,18 @@ def test_diagnose_with_task_prompts_as_probes(family):
     assert probes["kind"] == "prompts" and probes["n"] == 4 and probes["tokens"] <= 4 * 12
 
 
-def test_on_the_prebuilt_test_zoo(tmp_path):
-    zoo = pytest.importorskip("mergelab.zoo")
-    folder = zoo.family_dir("tiny-lm", "test")
-    if not (folder / "zoo.json").is_file():
-        pytest.skip("the tiny-lm --size test zoo is not built in the zoo cache")
+def test_eval_and_diagnose_on_the_test_zoo(tmp_path):
+    from mergelab import zoo
+    from mergelab.api import merge
+
+    folder = zoo.build("tiny-lm", "test", members=["base", "addition", "reverse"], progress=False)
     base, addition, reverse = (folder / name for name in ("base", "addition", "reverse"))
-    assert run(["eval", str(addition), "--tasks", "addition", "--items", "4", "--out", str(tmp_path / "r.json")]) == 0
-    assert (
-        run(
-            [
-                "diagnose",
-                str(addition),
-                "--base",
-                str(base),
-                "--experts",
-                str(addition),
-                str(reverse),
-                "--out",
-                str(tmp_path / "d"),
-                "--probes",
-                "2",
-                "--probe-length",
-                "8",
-                "--nl-layers",
-            ]
-        )
-        == 0
-    )
-    assert (tmp_path / "d" / "summary.md").is_file()
+    merged = merge({"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5},
+                    "models": [{"model": str(addition)}, {"model": str(reverse)}]}, tmp_path / "merged")
+    assert run(["eval", str(merged), "--tasks", "addition", "reverse", "--items", "4",
+                "--out", str(tmp_path / "r.json")]) == 0
+    assert set(json.loads((tmp_path / "r.json").read_text())["tasks"]) == {"addition", "reverse"}
+    assert run(["diagnose", str(merged), "--base", str(base), "--experts", str(addition), str(reverse),
+                "--out", str(tmp_path / "d"), "--probes", "2", "--probe-length", "8", "--nl-layers"]) == 0
+    summary = (tmp_path / "d" / "summary.md").read_text()
+    assert "provenance" in summary.lower()
