@@ -37,7 +37,7 @@ def test_zoo_json_describes_every_member(family):
     assert set(record["members"]["base"]["scores"]) == set(TASKS)
     assert record["scenarios"]["strong_weak"] == ["addition", "weak_addition"]
     assert all(m in names for pair in record["scenarios"].values() for m in pair)
-    assert record["licences"] and record["disk_bytes"] > 0
+    assert record["licences"] and record["disk_bytes"] > 0 and record["complete"]
 
 
 def test_members_load_in_transformers_and_generate(family):
@@ -138,8 +138,10 @@ def test_killed_member_leaves_nothing_and_keeps_finished_members(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(MergelabError, match="tiny-lm"):
         zoo.build("tiny-llm")
-    with pytest.raises(MergelabError, match="test, full"):
+    with pytest.raises(MergelabError, match="test, demo, full"):
         zoo.build("tiny-lm", size="huge")
+    with pytest.raises(MergelabError, match="vision"):
+        zoo.build("vision", size="demo")
     with pytest.raises(MergelabError, match="cpu"):
         zoo.build("tiny-lm", device="tpu", out=tmp_path)
     with pytest.raises(MergelabError, match="pool_11"):
@@ -158,7 +160,57 @@ def test_cli_builds_and_lists(family, capsys, monkeypatch, tmp_path):
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["zoo", "build", "tiny-lm", "--out", str(family)])
     assert args.func(args) == 0 and str(family) in capsys.readouterr().out
+    args = parser.parse_args(["zoo", "show", "tiny-lm", "--out", str(family)])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    record = json.loads((family / "zoo.json").read_text())
+    assert lines[0].split(" | ")[4:] == [*TASKS][:-1] + [f"{[*TASKS][-1]} |"]
+    base_row = next(line for line in lines if line.startswith("| base |"))
+    assert base_row.split(" | ")[4] == f"{100 * record['members']['base']['scores']['addition']['accuracy']:.1f}"
+    assert sum(line.startswith("| ") for line in lines) == 1 + len(record["members"])
     monkeypatch.setenv("MERGELAB_ZOO", str(tmp_path))
     args = parser.parse_args(["zoo", "list"])
     assert args.func(args) == 0
     assert "not built" in capsys.readouterr().out
+    args = parser.parse_args(["zoo", "show", "vision"])
+    with pytest.raises(MergelabError, match="mergelab zoo build vision --size test"):
+        args.func(args)
+
+
+def test_named_members_build_with_their_parents_only(tmp_path):
+    plan = _fake_plan({"a": 1, "b": 1, "c": 1})
+    builder.build_plan(plan, tmp_path, "cpu", progress=False, members=["b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "zoo.json"]
+    record = json.loads((tmp_path / "zoo.json").read_text())
+    assert list(record["members"]) == ["a", "b"] and record["complete"] is False
+    assert record["members"]["b"]["made_from"] == ["a"]
+    first = _mtimes(tmp_path)
+    builder.build_plan(plan, tmp_path, "cpu", progress=False, members=["a", "b"])
+    assert _mtimes(tmp_path) == first  # a cache hit: nothing rewritten, not even zoo.json
+    builder.build_plan(plan, tmp_path, "cpu", progress=False)
+    record = json.loads((tmp_path / "zoo.json").read_text())
+    assert list(record["members"]) == ["a", "b", "c"] and record["complete"] is True
+    assert {k: v for k, v in _mtimes(tmp_path).items() if k.startswith(("a/", "b/"))} == {
+        k: v for k, v in first.items() if k.startswith(("a/", "b/"))
+    }
+    with pytest.raises(MergelabError, match="no member 'd'; its members are: a, b, c"):
+        builder.build_plan(plan, tmp_path, "cpu", progress=False, members=["d"])
+
+
+def test_every_family_module_offers_the_sizes_the_zoo_lists():
+    from mergelab.zoo import vision
+
+    assert tuple(tinylm.SIZES) == zoo.sizes("tiny-lm")
+    assert tuple(vision.SIZES) == zoo.sizes("vision")
+
+
+def test_importing_the_zoo_and_its_cli_loads_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mergelab.zoo, mergelab.zoo.cli, mergelab.zoo.builder;"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
