@@ -12,7 +12,7 @@ from scipy.optimize import minimize
 
 from mergelab.errors import RecipeError
 from mergelab.methods import geometry, sce
-from mergelab.methods.spec import MethodCall, TensorInfo
+from mergelab.methods.spec import TensorInfo
 
 SPECS = {s.name: s for s in (*geometry.SPECS, *sce.SPECS)}
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
@@ -21,14 +21,8 @@ INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
 def run(name, base, experts, dtype=torch.float64, **params):
     """Call a method the way the engine does; returns (result as numpy, stats)."""
     spec = SPECS[name]
-    resolved = {}
-    for p in spec.params:
-        value = params.get(p.name, p.default)
-        if p.per_model and not isinstance(value, list):
-            value = [value] * len(experts)
-        resolved[p.name] = value
     base_t = None if base is None else torch.tensor(base, dtype=dtype)
-    out = spec.fn(MethodCall(base_t, [torch.tensor(e, dtype=dtype) for e in experts], INFO, resolved))
+    out = spec.fn(spec.call_with(base_t, [torch.tensor(e, dtype=dtype) for e in experts], INFO, **params))
     merged, stats = out if isinstance(out, tuple) else (out, {})
     assert merged.dtype == dtype
     return merged.numpy(), stats

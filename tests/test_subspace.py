@@ -10,7 +10,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods import subspace
-from mergelab.methods.spec import MethodCall, TensorInfo
+from mergelab.methods.spec import TensorInfo
 from mergelab.methods.task_arithmetic import ties_update
 from mergelab.ops import spectral
 
@@ -22,15 +22,8 @@ BIAS = TensorInfo("model.layers.0.self_attn.q_proj.bias", 0, "attn_q", 2)
 
 
 def make_call(name, base, experts, info=MATRIX, dtype=torch.float64, **params):
-    spec = SPECS[name]
-    resolved = {}
-    for p in spec.params:
-        value = params.get(p.name, p.default)
-        if p.per_model and not isinstance(value, list):
-            value = [value] * len(experts)
-        resolved[p.name] = value
-    return MethodCall(torch.tensor(base, dtype=dtype), [torch.tensor(e, dtype=dtype) for e in experts], info,
-                      resolved)
+    return SPECS[name].call_with(torch.tensor(base, dtype=dtype), [torch.tensor(e, dtype=dtype) for e in experts],
+                                 info, **params)
 
 
 def run(name, base, experts, info=MATRIX, dtype=torch.float64, **params):

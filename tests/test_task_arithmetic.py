@@ -8,22 +8,17 @@ from hypothesis import strategies as st
 
 from mergelab.errors import RecipeError
 from mergelab.methods import METHODS
-from mergelab.methods.spec import MethodCall, TensorInfo
+from mergelab.methods.spec import TensorInfo
 
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
 
 
 def call_method(name, base, experts, seed=0, **params):
     spec = METHODS[name]
-    resolved = {}
-    for p in spec.params:
-        value = params.get(p.name, p.default)
-        resolved[p.name] = (value if isinstance(value, list) else [value] * len(experts)) if p.per_model else value
     gen = torch.Generator().manual_seed(seed) if spec.random else None
     base_t = None if base is None else torch.tensor(base, dtype=torch.float64)
     experts_t = [torch.tensor(e, dtype=torch.float64) for e in experts]
-    out = spec.fn(MethodCall(base_t, experts_t, INFO, resolved, gen))
-    return out.numpy()
+    return spec.fn(spec.call_with(base_t, experts_t, INFO, gen, **params)).numpy()
 
 
 def ref_trim(delta, density):

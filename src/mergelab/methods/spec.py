@@ -170,6 +170,16 @@ class MethodSpec:
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
+    def call_with(self, base: torch.Tensor | None, experts: list[torch.Tensor], info: TensorInfo,
+                  generator: torch.Generator | None = None, **values: Any) -> MethodCall:
+        """A ``MethodCall`` with plain values: defaults for what is not given, a scalar given for a per-model
+        parameter repeated for every expert (for using a method on tensors directly, as the tests do)."""
+        params = dict(self.fixed)
+        for p in self.params:
+            value = values.get(p.name, p.default)
+            params[p.name] = value if not p.per_model or isinstance(value, list) else [value] * len(experts)
+        return MethodCall(base, experts, info, params, generator)
+
 
 def weight_param(default: float | None = 1.0, required: bool = False) -> Param:
     """The per-model mixing weight that most methods share."""
