@@ -190,8 +190,6 @@ def test_karcher_bad_inputs():
     experts = [np.ones(3), np.arange(3.0)]
     with pytest.raises(RecipeError, match="sum to zero"):
         run("karcher", None, experts, weight=[0.0, 0.0])
-    with pytest.raises(RecipeError, match="fisher_precondition"):
-        run("karcher", None, experts, fisher_precondition="diagonal")
     spec = SPECS["karcher"]
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="step_size"):
@@ -329,3 +327,26 @@ def test_sce_selection_breaks_variance_ties_by_position(rng):
         np.testing.assert_allclose(merged, ref_sce(base, experts, topk, "mergekit"), atol=1e-12)
         nonzero = np.count_nonzero(np.stack(experts).var(axis=0))
         assert stats["sce_selected_fraction"] == int(topk * nonzero) / 64
+
+
+def test_karcher_fisher_preconditioning_matches_the_metric_reading():
+    """Under ⟨a, b⟩_F = Σ f a b: scale by √f, Karcher mean on the sphere (BFGS reference), scale back,
+    renormalise, weighted mean norm of the sources. A constant Fisher changes nothing."""
+    rng = np.random.default_rng(5)
+    experts = [rng.normal(size=12) for _ in range(3)]
+    fisher = rng.uniform(0.1, 5.0, size=12)
+    weights = np.array([0.2, 0.5, 0.3])
+    root = np.sqrt(fisher + 1e-8 * fisher.mean())
+    scaled = np.stack([e * root for e in experts])
+    units = scaled / np.linalg.norm(scaled, axis=1, keepdims=True)
+    direction = ref_karcher_direction(units, weights) / root
+    direction /= np.linalg.norm(direction)
+    expected = direction * (weights @ np.array([np.linalg.norm(e) for e in experts]))
+    got, _ = run("karcher", None, experts, weight=list(weights), fisher_precondition="diagonal",
+                 fisher=torch.tensor(fisher), tol=1e-12, max_iter=200)
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    plain, _ = run("karcher", None, experts, weight=list(weights), tol=1e-12, max_iter=200)
+    uniform, _ = run("karcher", None, experts, weight=list(weights), fisher_precondition="diagonal",
+                     fisher=torch.full((12,), 3.0, dtype=torch.float64), tol=1e-12, max_iter=200)
+    np.testing.assert_allclose(uniform, plain, atol=1e-10)
+    assert np.abs(got - plain).max() > 1e-3

@@ -82,10 +82,20 @@ def test_svd_methods_flatten_layer_matrices_and_average_the_rest(family, tmp_pat
     (lambda b, e: recipe("slerp", b, e[:2], {"t": 0.5}), "merges 1 model"),
     (lambda b, e: recipe("karcher", None, e, {"step_size": 0.0}), "step_size"),
     (lambda b, e: recipe("task_arithmetic_sb", b, e, {"beta": 1.5}), "beta"),
-    (lambda b, e: recipe("karcher", None, e, {"fisher_precondition": "diagonal"}), "Fisher pass"),
     (lambda b, e: recipe("multislerp", None, e[:2], weights=[1.0, -1.0]), "sum to zero"),
 ])
 def test_recipe_errors(family, tmp_path, spec, message):
     _, base, experts = family
     with pytest.raises(RecipeError, match=message):
         merge(spec(base, experts), tmp_path / "out")
+
+
+def test_karcher_fisher_preconditioning_runs_the_fisher_pass(family, tmp_path, monkeypatch):
+    _, base, experts = family
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    out = merge(recipe("karcher", None, experts, {"fisher_precondition": "diagonal"}), tmp_path / "out")
+    record = json.loads((out / "mergelab.json").read_text())
+    assert record["prepare"]["tensors_preconditioned"] > 0
+    plain = load_folder(merge(recipe("karcher", None, experts), tmp_path / "plain"))
+    merged = load_folder(out)
+    assert any(not torch.equal(merged[k], plain[k]) for k in merged)

@@ -180,7 +180,9 @@ def open_model(folder: str | Path, allow_pickle: bool = False) -> ModelReader:
     fingerprint: dict[str, dict[str, Any]] = {}
     for file in files:
         header, raw = parse_safetensors_header(file)
-        fingerprint[file.name] = {"size": file.stat().st_size, "header_sha256": hashlib.sha256(raw).hexdigest()}
+        stat = file.stat()
+        fingerprint[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                  "header_sha256": hashlib.sha256(raw).hexdigest()}
         for name, entry in header.items():
             if name == "__metadata__" or (index_map is not None and index_map.get(name) != file):
                 continue

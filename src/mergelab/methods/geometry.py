@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
+from mergelab.methods.spec import MethodCall, MethodSpec, ModelPass, Param, weight_param
 
 # SLERP falls back to linear interpolation when the two directions are this close to (anti)parallel, where
 # sin θ → 0 makes the spherical coefficients ill-conditioned (the threshold mergekit uses).
@@ -109,30 +109,59 @@ def karcher(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
     of equal weight this is SLERP at t = 0.5 between the two directions (sec. 3.3).
 
     Unlike mergekit's ``karcher``, per-model ``weight`` is honoured (mergekit always uses equal weights).
-    ``fisher_precondition: diagonal`` (sec. 3.4) is refused until the random-token Fisher pass exists.
+
+    ``fisher_precondition: diagonal`` is our reading of sec. 3.4: the sphere is taken under the diagonal metric
+    ``⟨a, b⟩_F = Σ f a b`` with ``f`` the random-token diagonal Fisher of the reference model (``fisher.py``,
+    computed by this method's ``prepare`` pass): coordinates are scaled by ``√(f + 10⁻⁸ mean f)`` before
+    normalising, the Karcher mean is found there, scaled back and renormalised, then given the weighted mean
+    norm of the (unscaled) sources. Tensors without Fisher information keep the plain spherical path.
     """
     p = call.params
-    if p["fisher_precondition"] != "none":
-        raise RecipeError(f"{call.info.name}: karcher fisher_precondition '{p['fisher_precondition']}' "
-                          "needs the diagonal Fisher pass, which is not yet available; "
-                          "set fisher_precondition: none")
     weights = normalised_weights(call, "karcher")
     vectors = torch.stack([e.reshape(-1) for e in call.experts])
     norms = precise_norms(vectors).to(vectors.dtype)
+    metric = fisher_metric(call)
+    if metric is not None:
+        vectors = vectors * metric
     scale = weights @ norms
     has_direction = norms > 0
     direction_weights = weights[has_direction]
     if direction_weights.sum() == 0:  # every model with weight is all zeros
         return torch.zeros_like(call.experts[0]), {"karcher_iterations": 0.0, "karcher_residual": 0.0,
                                                    "karcher_converged": 1.0}
-    units = vectors.div_(torch.where(has_direction, norms, torch.ones_like(norms))[:, None])  # in place: N x d
+    lengths = norms if metric is None else precise_norms(vectors).to(vectors.dtype)
+    units = vectors.div_(torch.where(has_direction, lengths, torch.ones_like(lengths))[:, None])  # in place
     if not has_direction.all():
         units = units[has_direction]
     mean, steps, residual = karcher_direction(units, direction_weights / direction_weights.sum(),
                                               p["step_size"], p["max_iter"], p["tol"])
     stats = {"karcher_iterations": float(steps), "karcher_residual": residual,
              "karcher_converged": float(residual < p["tol"])}
+    if metric is not None:
+        mean = mean / metric
+        mean = mean / precise_norms(mean[None]).to(mean.dtype)
     return (scale * mean).reshape(call.experts[0].shape), stats
+
+
+def fisher_metric(call: MethodCall) -> torch.Tensor | None:
+    """``√(f + 10⁻⁸ mean f)`` flattened, from the Fisher the prepare pass attached, or None (plain sphere)."""
+    fisher = call.params.get("fisher")
+    if call.params["fisher_precondition"] != "diagonal" or fisher is None or not bool((fisher > 0).any()):
+        return None
+    fisher = fisher.to(call.experts[0].device, call.experts[0].dtype).reshape(-1)
+    return (fisher + 1e-8 * fisher.mean()).sqrt()
+
+
+def karcher_prepare(plan, options) -> ModelPass:
+    """Compute the reference model's diagonal Fisher when ``fisher_precondition: diagonal`` asks for it."""
+    if not plan.jobs or plan.jobs[0].params.get("fisher_precondition") != "diagonal":
+        return ModelPass()
+    from mergelab.fisher import FisherSettings, diagonal_fisher
+
+    fisher = diagonal_fisher(plan.readers[plan.reference], FisherSettings(), options.device)
+    params = {job.name: {"fisher": fisher.elements[job.name]} for job in plan.jobs if job.name in fisher.elements}
+    return ModelPass(params=params, record={"fisher_seconds": fisher.seconds, "fisher_model": plan.reference,
+                                            "tensors_preconditioned": len(params)})
 
 
 def slerp(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
@@ -234,11 +263,12 @@ SPECS = (
             Param("tol", float, default=1e-5, low=0.0, low_open=True,
                   help="stop when ‖Σ α_i Log(θ_i)‖ falls below this (eq. 4)"),
             Param("fisher_precondition", str, default="none", choices=("none", "diagonal"),
-                  help="Fisher preconditioning of the log map (sec. 3.4); 'diagonal' is not yet available"),
+                  help="diagonal: Karcher mean under the random-token diagonal Fisher metric (sec. 3.4)"),
         ),
         citation="Wang, Ye & Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold",
         base="ignored",
         min_experts=2,
+        prepare=karcher_prepare,
     ),
     MethodSpec(
         name="slerp",

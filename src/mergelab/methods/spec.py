@@ -173,8 +173,9 @@ class MethodSpec:
     def call_with(self, base: torch.Tensor | None, experts: list[torch.Tensor], info: TensorInfo,
                   generator: torch.Generator | None = None, **values: Any) -> MethodCall:
         """A ``MethodCall`` with plain values: defaults for what is not given, a scalar given for a per-model
-        parameter repeated for every expert (for using a method on tensors directly, as the tests do)."""
-        params = dict(self.fixed)
+        parameter repeated for every expert, other values (what a ``prepare`` pass would add) passed through;
+        for using a method on tensors directly, as the tests do."""
+        params = {**self.fixed, **{k: v for k, v in values.items() if k not in self.param_names}}
         for p in self.params:
             value = values.get(p.name, p.default)
             params[p.name] = value if not p.per_model or isinstance(value, list) else [value] * len(experts)
