@@ -31,7 +31,9 @@ class Generation:
 def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer from a Hugging Face folder, in eval mode, tokenizer left-padded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the evaluation's own
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: give a Hugging Face model folder.")
