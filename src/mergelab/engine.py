@@ -274,6 +274,14 @@ def run_merge(recipe: Recipe, out_dir: str | Path, options: MergeOptions | None 
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     readers = open_inputs(recipe, recipe_dir, options.allow_pickle)
+    try:
+        return _merge_opened(recipe, readers, out_dir, options)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+def _merge_opened(recipe: Recipe, readers: dict[str, ModelReader], out_dir: Path, options: MergeOptions) -> Path:
     plan = build_plan(recipe, readers, strict=options.strict, allow_mixed=options.allow_mixed)
     for warning in plan.warnings:
         log.warning(warning)
