@@ -107,7 +107,7 @@ def pieces(plan: MergePlan, shard: int, job: TensorJob, max_elements: int) -> li
 
 
 def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
-    """Inputs of one piece (base first if any), rows trimmed by the vocabulary rule, checked finite."""
+    """Inputs of one piece (base first if any), rows trimmed by the vocabulary rule."""
     tensors = []
     job = piece.job
     for source in ([job.base] if job.base else []) + job.experts:
@@ -118,9 +118,6 @@ def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
                 tensor = tensor[: source.rows]
         else:
             tensor = reader.get(source.name, (piece.start, piece.stop))
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; repair or "
-                                  "exclude this model")
         tensors.append(tensor)
     return tensors
 
@@ -131,6 +128,12 @@ def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
     job = piece.job
     compute_dtype = torch.float64 if options.float64 else torch.float32
     moved = [t.to(options.device, compute_dtype) for t in inputs]
+    sources = ([job.base] if job.base else []) + job.experts
+    if not all_finite(moved):
+        for source, tensor in zip(sources, moved):
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; repair "
+                                      "or exclude this model")
     base = moved[0] if job.base else None
     experts = moved[1:] if job.base else moved
     generator = None
@@ -139,14 +142,22 @@ def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
     result = plan.method.fn(MethodCall(base, experts, job.info, job.params, generator))
     merged, method_stats = result if isinstance(result, tuple) else (result, {})
     out = merged.to(plan.out_dtype).cpu()
-    del merged, moved
-    if not torch.isfinite(out).all():
+    checked = [merged, out] if plan.out_dtype == torch.float16 else [merged]  # float16 can overflow in the cast
+    finite = all_finite(checked) or bool(torch.isfinite(out).all())
+    del merged, moved, checked
+    if not finite:
         raise RecipeError(f"method '{plan.method.name}' produced NaN or Inf in tensor '{job.name}' (as "
                           f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
-    sources = ([job.base] if job.base else []) + job.experts
     equal = {s.model: torch.count_nonzero(out == t.to(out.dtype)).item() for s, t in zip(sources, inputs)}
     counts = {"numel": out.numel(), "equal_to": equal}
     return out, {**counts, **method_stats}
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or Inf, by one float32 sum each (a NaN or Inf anywhere makes the sum
+    non-finite); a False may also mean a finite sum overflowed, so callers confirm with ``isfinite``. A sum is
+    several times cheaper than ``isfinite(...).all()``, which writes a boolean tensor."""
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors)
 
 
 def _add_counts(stats: MergeStats, piece: Piece, counts: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ SCENARIOS = {
     "complementary": ("addition", "reverse", ["addition", "reverse"]),
     "strong_weak": ("addition", "weak_addition", ["addition", "sort_digits"]),
 }
+BATCH = 100  # tiny models: one generate() call per task is far cheaper than many small ones
 METHODS = ("scf_rkl", "task_arithmetic", "dare_linear", "ties", "dare_ties", "sce")
 
 
@@ -67,7 +68,7 @@ def run_demo(out: Path, size: str = "demo", n_items: int = 100, device: str = "c
 
     started = time.perf_counter()
     needed = sorted({m for first, second, _ in SCENARIOS.values() for m in (first, second)} | {"base"})
-    family = zoo.build("tiny-lm", size, device=device, members=needed, progress=progress)
+    family = zoo.build("tiny-lm", size, device=device, members=needed, progress=progress, workers=2)
     built = time.perf_counter()
     (out / "merges").mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"size": size, "n_items": n_items, "scenarios": {}}
@@ -75,11 +76,12 @@ def run_demo(out: Path, size: str = "demo", n_items: int = 100, device: str = "c
         rows: dict[str, dict[str, float]] = {}
         for name in ("base", first, second):
             rows[f"parent:{name}"] = summarize(evaluate(family / name, tasks, n_items=n_items, device=device,
-                                                        progress=False), tasks)
+                                                        batch_size=BATCH, progress=False), tasks)
         for method, recipe in recipes(family / "base", family / first, family / second).items():
             merged = out / "merges" / f"{scenario}-{method}"
             merge(recipe, merged, overwrite=True, device=device)
-            row = summarize(evaluate(merged, tasks, n_items=n_items, device=device, progress=False), tasks)
+            row = summarize(evaluate(merged, tasks, n_items=n_items, device=device, batch_size=BATCH,
+                                     progress=False), tasks)
             row["unchanged_from_recipe_base"] = update_sparsity(merged)
             rows[method] = row
         results["scenarios"][scenario] = {"pair": [first, second], "tasks": tasks, "rows": rows}
