@@ -178,3 +178,15 @@ def test_expert_order_does_not_matter(values, method):
     a = call_method(method, base, [data[1], data[2]], weight=[0.3, 0.9], density=0.6)
     b = call_method(method, base, [data[2], data[1]], weight=[0.9, 0.3], density=0.6)
     np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_trim_breaks_ties_at_the_threshold_by_position():
+    from mergelab.ops.sparsify import magnitude_mask
+
+    delta = torch.tensor([1.0, -2.0, 2.0, 2.0, 3.0, 0.5])
+    assert magnitude_mask(delta, 0.6).tolist() == [False, True, True, False, True, False]
+    rng = np.random.default_rng(3)
+    values = rng.integers(-3, 4, size=(40, 25)).astype(np.float64)  # many ties
+    for density in (0.1, 0.37, 0.5, 0.9):
+        got = magnitude_mask(torch.tensor(values), density).numpy()
+        np.testing.assert_array_equal(values * got, ref_trim(values, density))

@@ -38,7 +38,7 @@ from mergelab.errors import RecipeError
 from mergelab.fisher import FisherSettings, diagonal_fisher, load_causal_lm, random_tokens, vocab_size
 from mergelab.methods.spec import MethodCall, MethodSpec, ModelPass, Param, weight_param
 from mergelab.methods.task_arithmetic import LAMBDA, SIGN_ELECTION, task_arithmetic_update
-from mergelab.ops.consensus import agreement_mask, elect_sign, weighted_disjoint_sum
+from mergelab.ops.consensus import disjoint_sum, elect_sign
 from mergelab.ops.sparsify import magnitude_mask
 
 SCORES = ("fim_norm", "norm", "fim")
@@ -171,11 +171,8 @@ def fim_ties(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
         delta = expert - call.base
         importance = delta.abs() if fisher is None else fisher.to(delta) * delta.abs()
         trimmed.append(delta.mul_(magnitude_mask(importance, p["density"])).mul_(alpha))
-    stacked = torch.stack(trimmed)
-    weights = torch.tensor(p["weight"], dtype=stacked.dtype, device=stacked.device)
-    mask = agreement_mask(stacked, elect_sign(stacked, p["sign_election"]))
-    update = weighted_disjoint_sum(stacked, weights, mask, p["normalize"])
-    kept = float((stacked != 0).sum()) / max(stacked.numel(), 1)
+    update = disjoint_sum(trimmed, p["weight"], elect_sign(trimmed, p["sign_election"]), p["normalize"])
+    kept = sum(int(t.count_nonzero()) for t in trimmed) / max(sum(t.numel() for t in trimmed), 1)
     return update.mul_(p["lambda"]).add_(call.base), {"fim_alpha": statistics.fmean(alphas), "fim_kept": kept}
 
 

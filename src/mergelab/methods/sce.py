@@ -21,7 +21,7 @@ import torch
 
 from mergelab.methods.spec import MethodCall, MethodSpec, Param
 from mergelab.methods.task_arithmetic import INT8_MASK
-from mergelab.ops.consensus import agreement_mask, elect_sign, weighted_disjoint_sum
+from mergelab.ops.consensus import disjoint_sum, elect_sign
 
 
 def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -62,8 +62,7 @@ def sce(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
     selected_deltas = deltas * selected
     weights = sce_weights(selected_deltas)
     merged_from = selected_deltas if call.params["variant"] == "mergekit" else deltas
-    mask = agreement_mask(merged_from, elect_sign(merged_from, "sum"))
-    update = weighted_disjoint_sum(merged_from, weights, mask, normalize=True)
+    update = disjoint_sum(merged_from, weights, elect_sign(merged_from, "sum"), normalize=True)
     stats = {"sce_selected_fraction": float(selected.float().mean())}
     stats.update({f"sce_weight_{i}": float(w) for i, w in enumerate(weights)})
     return call.base + update, stats

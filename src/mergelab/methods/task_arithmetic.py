@@ -18,7 +18,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
-from mergelab.ops.consensus import agreement_mask, elect_sign, weighted_disjoint_sum
+from mergelab.ops.consensus import disjoint_sum, elect_sign
 from mergelab.ops.sparsify import (
     bernoulli_mask,
     magnitude_mask,
@@ -109,11 +109,9 @@ def merged_update(family: Family, call: MethodCall) -> torch.Tensor:
     base, weights = call.base, call.params["weight"]
     deltas = [_sparsify(family, expert - base, call, i) for i, expert in enumerate(call.experts)]
     if family.elect:
-        stacked = torch.stack(deltas)
-        w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-        voters = stacked * w.reshape(-1, *([1] * base.dim())) if call.params["vote"] == "weighted" else stacked
-        mask = agreement_mask(stacked, elect_sign(voters, call.params["sign_election"]))
-        return weighted_disjoint_sum(stacked, w, mask, call.params["normalize"])
+        voter_weights = weights if call.params["vote"] == "weighted" else None
+        elected = elect_sign(deltas, call.params["sign_election"], voter_weights)
+        return disjoint_sum(deltas, weights, elected, call.params["normalize"])
     total = deltas[0].mul_(weights[0])
     for delta, weight in zip(deltas[1:], weights[1:]):
         total.add_(delta, alpha=weight)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from mergelab.ops.quantile import order_statistic
+
 
 def keep_count(numel: int, density: float) -> int:
     """Number of entries a density keeps: ``floor(density * n)``, at least one of a non-empty tensor."""
@@ -18,20 +20,20 @@ def keep_count(numel: int, density: float) -> int:
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of the ``density`` fraction of entries with the largest magnitude (TIES "trim").
 
-    Selection, not a sort: the k-th largest magnitude is found with ``kthvalue`` (linear time); entries tied
-    with it are taken in position order, as a stable descending sort would, so the mask is deterministic.
+    Selection, not a sort: the k-th largest magnitude is found exactly by ``order_statistic`` (histogram
+    selection, linear time, no index tensor); entries tied with it are taken in position order, as a stable
+    descending sort would, so the mask is deterministic.
     """
     n = delta.numel()
     k = keep_count(n, density)
     if density >= 1.0 or k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
     flat = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold = order_statistic(flat, n - k)
     mask = flat > threshold
     missing = k - int(mask.sum())
-    if missing > 0:
-        ties = flat == threshold
-        mask |= ties & (torch.cumsum(ties, 0) <= missing)
+    if missing > 0:  # the first ``missing`` entries equal to the threshold, in position order
+        mask[torch.nonzero(flat == threshold).squeeze(1)[:missing]] = True
     return mask.reshape(delta.shape)
 
 
