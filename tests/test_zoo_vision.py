@@ -169,3 +169,18 @@ def test_bad_input_is_a_clear_error(family, tmp_path):
     with pytest.raises(MergelabError, match="classifies 'rotated', not 'digits'"):
         shutil.copytree(family / "rotated", tmp_path / "heads" / "digits")
         vision.evaluate(family / "base", "digits", heads=tmp_path / "heads")
+
+
+def test_eval_command_scores_a_merged_backbone_with_each_task_head(family, tmp_path):
+    from mergelab.api import merge
+    from mergelab.cli import main
+
+    experts = [{"model": str(family / t), "parameters": {"weight": 0.5}} for t in ("rotated", "inverted")]
+    merged = merge({"merge_method": "task_arithmetic", "base_model": str(family / "base"), "models": experts},
+                   tmp_path / "merged")
+    out = tmp_path / "vision.json"
+    assert main(["eval", str(merged), "--vision-tasks", "rotated", "inverted", "--items", "200",
+                 "--heads", str(family), "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["vision"]
+    for task in ("rotated", "inverted"):
+        assert scores[task]["accuracy"] == vision.evaluate(merged, task, n=200, heads=family)

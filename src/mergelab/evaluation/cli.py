@@ -58,15 +58,34 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="lm-eval: keep the task YAML/JSONL, results.json and per-item samples here (default: a "
         "temporary folder, removed afterwards)",
     )
+    p.add_argument("--vision-tasks", nargs="+", default=[],
+                   help="vision tasks (see mergelab.zoo.vision.TASKS): MODEL is a vision backbone folder, scored "
+                   "with each task's own head")
+    p.add_argument("--heads", type=Path, default=None,
+                   help="vision family folder holding the task heads (default: the full vision zoo)")
     p.set_defaults(func=handler)
     return p
+
+
+def _vision(args: argparse.Namespace) -> dict:
+    """Held-out accuracy of a (merged) vision backbone on each task, with that task's expert head."""
+    from mergelab.zoo import vision
+
+    n = None if args.items <= 0 else args.items
+    return {"model": str(args.model), "vision": {
+        task: {"accuracy": vision.evaluate(args.model, task, n=n, heads=args.heads, device=args.device),
+               "n_items": n} for task in args.vision_tasks}}
 
 
 def handler(args: argparse.Namespace) -> int:
     if args.lm_eval:
         lm_eval_bridge.require_lm_eval()  # fail before any model is loaded
     results: dict = {}
-    if args.tasks or args.ppl_file is not None or not args.lm_eval:
+    if args.vision_tasks:
+        results = _vision(args)
+        for task, row in results["vision"].items():
+            print(f"{task:>16}  accuracy {100 * row['accuracy']:.1f} %")
+    elif args.tasks or args.ppl_file is not None or not args.lm_eval:
         results = _native(args)
         print(format_table(results))
     if args.lm_eval:
