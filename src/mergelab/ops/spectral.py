@@ -22,11 +22,16 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """
     if matrix.dim() != 2:
         raise ValueError(f"svd expects a matrix, got shape {tuple(matrix.shape)}")
-    matrix = matrix.to(_compute_dtype(matrix))
-    if matrix.shape[0] < matrix.shape[1]:
-        left, values, right_t = torch.linalg.svd(matrix.T, full_matrices=False)
-        return right_t.T, values, left.T
-    return torch.linalg.svd(matrix, full_matrices=False)
+    dtype = _compute_dtype(matrix)
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = (matrix.T if wide else matrix).to(dtype)
+    try:
+        left, values, right_t = torch.linalg.svd(tall, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # divide-and-conquer (gesdd) can fail to converge on rank-deficient input with repeated singular
+        # values; float64 with a fresh start converges where float32 did not
+        left, values, right_t = (t.to(dtype) for t in torch.linalg.svd(tall.double(), full_matrices=False))
+    return (right_t.T, values, left.T) if wide else (left, values, right_t)
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
