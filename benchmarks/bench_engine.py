@@ -167,7 +167,8 @@ def main() -> None:
             recipe_path.write_text(yaml.safe_dump(recipe))
             results = {"floor": floors[inputs]}
             out = root / f"out-mergelab-{method}"
-            shutil.rmtree(out, ignore_errors=True)
+            for leftover in (out, out.with_name(out.name + ".partial")):  # a killed earlier run
+                shutil.rmtree(leftover, ignore_errors=True)
             results["mergelab"] = run_measured([str(bin_dir / "mergelab"), "merge", str(recipe_path), str(out),
                                                 *args.mergelab_args.split()], env)
             if not args.no_mergekit and method not in NOT_IN_MERGEKIT:
