@@ -10,12 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mergelab.diagnostics.activations import activation_diagnostics
-from mergelab.diagnostics.blocking import layer_blocking
-from mergelab.diagnostics.report import write_report
-from mergelab.diagnostics.weights import weight_diagnostics
-from mergelab.evaluation.runner import resolve_tasks
-
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
@@ -48,6 +42,12 @@ def diagnose(
 
     Each part records its wall time and the process's peak resident memory after it (``timing``).
     """
+    from mergelab.diagnostics.activations import activation_diagnostics
+    from mergelab.diagnostics.blocking import layer_blocking
+    from mergelab.diagnostics.report import write_report
+    from mergelab.diagnostics.weights import weight_diagnostics
+    from mergelab.evaluation.runner import resolve_tasks
+
     results: dict[str, Any] = {"timing": {}}
 
     def timed(part: str, fn, *args, **kwargs) -> None:

@@ -10,9 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from mergelab.evaluation import lm_eval_bridge
-from mergelab.evaluation.runner import evaluate, format_table
-
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` to the ``mergelab`` command's subparsers."""
@@ -78,6 +75,9 @@ def _vision(args: argparse.Namespace) -> dict:
 
 
 def handler(args: argparse.Namespace) -> int:
+    from mergelab.evaluation import lm_eval_bridge  # heavy imports here, so `mergelab --help` stays quick
+    from mergelab.evaluation.runner import format_table
+
     if args.lm_eval:
         lm_eval_bridge.require_lm_eval()  # fail before any model is loaded
     results: dict = {}
@@ -112,6 +112,8 @@ def handler(args: argparse.Namespace) -> int:
 
 def _native(args: argparse.Namespace) -> dict:
     """mergelab's own evaluation (``--tasks``, ``--ppl-file``)."""
+    from mergelab.evaluation.runner import evaluate
+
     ppl_texts = None
     if args.ppl_file is not None:
         ppl_texts = [t.strip() for t in args.ppl_file.read_text().split("\n\n") if t.strip()]
