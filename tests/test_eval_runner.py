@@ -159,13 +159,15 @@ def test_evaluate_accuracy_pass_at_k_and_self_consistency(char_model):
     for k in (1, 2, 4):
         expected = sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in correct) / 4
         assert sampled[f"pass@{k}"] == pytest.approx(expected)
-    votes = []
-    for g in sampled["generations"]:
-        counts = Counter(a for a in (task.extract(c) for c in g["completions"]) if a)
-        top = max(counts.values()) if counts else 0
-        winner = next((a for a in (task.extract(c) for c in g["completions"]) if a and counts[a] == top), "")
-        votes.append(winner == g["answer"])
-    assert sampled["self_consistency@4"] == pytest.approx(sum(votes) / 4)
+    for k in (1, 2, 4):  # majority over the first k samples; ties go to the earliest answer
+        votes = []
+        for g in sampled["generations"]:
+            answers = [task.extract(c) for c in g["completions"][:k]]
+            counts = Counter(a for a in answers if a)
+            top = max(counts.values()) if counts else 0
+            winner = next((a for a in answers if a and counts[a] == top), "")
+            votes.append(winner == g["answer"])
+        assert sampled[f"self_consistency@{k}"] == pytest.approx(sum(votes) / 4)
     assert 0 <= sampled["repetition_rate"] <= 1 and sampled["mean_length"] <= 8
     table = format_table(result)
     assert "fixed" in table and "sampled" in table

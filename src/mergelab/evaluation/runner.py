@@ -51,19 +51,24 @@ def stability(task, generations: Sequence[Generation], examples: Sequence[Any]) 
 
 
 def sampled_figures(task, samples: Sequence[Sequence[Generation]], examples: Sequence[Any]) -> dict[str, float]:
-    """pass@k (Chen et al. 2021) for k = 1, 2, 4, ... <= n and self-consistency accuracy over n samples."""
+    """pass@k (Chen et al. 2021) and self-consistency accuracy (majority vote over the first k samples) for
+    k = 1, 2, 4, ... <= n and k = n."""
     n = len(samples[0])
     correct = [sum(task.score(g.text, e) for g in gens) for gens, e in zip(samples, examples, strict=True)]
     ks = sorted({2**i for i in range(int(math.log2(n)) + 1)} | {n})
     figures = {f"pass@{k}": metrics.mean([metrics.pass_at_k(n, c, k) for c in correct]) for k in ks}
-    votes = []
-    for gens, example in zip(samples, examples, strict=True):
-        answers = [task.extract(g.text) for g in gens]
-        voted = metrics.majority_vote(answers)
-        winner = next((g for g, a in zip(gens, answers, strict=True) if a == voted), gens[0])
-        votes.append(float(task.score(winner.text, example)))
-    figures[f"self_consistency@{n}"] = metrics.mean(votes)
+    for k in ks:
+        figures[f"self_consistency@{k}"] = metrics.mean(
+            [majority_correct(task, gens[:k], e) for gens, e in zip(samples, examples, strict=True)])
     return figures
+
+
+def majority_correct(task, generations: Sequence[Generation], example: Any) -> float:
+    """1.0 when the majority answer of ``generations`` (ties: the earliest) scores on ``example``."""
+    answers = [task.extract(g.text) for g in generations]
+    voted = metrics.majority_vote(answers)
+    winner = next((g for g, a in zip(generations, answers, strict=True) if a == voted), generations[0])
+    return float(task.score(winner.text, example))
 
 
 @torch.no_grad()
@@ -196,7 +201,7 @@ def format_table(results: dict[str, Any]) -> str:
                 continue
             f = task[label]
             n_key = max((k for k in f if k.startswith("pass@")), key=lambda k: int(k[5:]), default=None)
-            maj = next((f[k] for k in f if k.startswith("self_consistency@")), None)
+            maj = f.get(f"self_consistency@{n_key[5:]}") if n_key else None
             rows.append(
                 [
                     name,

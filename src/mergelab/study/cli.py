@@ -16,6 +16,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from mergelab.study.protocol import StudySettings, run_study
+
+    flags = {"--zoo-size": args.zoo_size, "--executor": args.executor if args.executor != "local" else None,
+             "--ray-address": args.ray_address, "--device": args.device if args.device != "cpu" else None}
+    command = " ".join(["mergelab study", args.protocol, *(["--quick"] if args.quick else []),
+                        *(f"{flag} {value}" for flag, value in flags.items() if value)])
+    settings = StudySettings(quick=args.quick, zoo_size=args.zoo_size, build_zoo=args.build_zoo,
+                             device=args.device)
+    out = Path(args.out or f"mergelab-study-{args.protocol}")
+    study = run_study(args.protocol, out, settings, executor=args.executor, workers=args.workers,
+                      ray_address=args.ray_address, store=args.store, command=command)
+    print(f"report: {out / 'report.md'} ({study['seconds']:.0f} s, {len(study['jobs'])} jobs)")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build the tiny-lm zoo, merge two pairs with SCF-RKL and baselines, "
                               "evaluate, and write a report")
@@ -24,3 +40,18 @@ def register(subparsers) -> None:
     p.add_argument("--items", type=int, default=100, help="held-out items per task")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_demo)
+
+    from mergelab.study.protocol import PROTOCOLS  # no heavy imports: a table of names
+
+    p = subparsers.add_parser("study", help="run a paper's experiment protocol on the zoo and write a report")
+    p.add_argument("protocol", choices=list(PROTOCOLS), help="which paper's protocol")
+    p.add_argument("--quick", action="store_true", help="the minutes-long variant (fewer subsets, items, sweeps)")
+    p.add_argument("--zoo-size", default=None, help="zoo size of the members (default: demo with --quick, else full)")
+    p.add_argument("--build-zoo", action="store_true", help="build missing zoo members instead of stopping")
+    p.add_argument("--out", default=None, help="report folder (default ./mergelab-study-PROTOCOL)")
+    p.add_argument("--store", default=None, help="where finished jobs are kept (default OUT/jobs); a rerun resumes")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="process pool or Ray")
+    p.add_argument("--workers", type=int, default=None, help="parallel jobs (default: one per core)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (host:port); default a local instance")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_study)

@@ -17,6 +17,42 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+# how a table column is shown: fractions as percentages, plain numbers, signed percentages, or as they are
+KINDS = ("pct", "num", "signed_pct", "text")
+
+
+def cell(value: Any, kind: str) -> str:
+    """One table cell of ``kind`` (see ``KINDS``); None is '-'."""
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{100 * value:.1f}"
+    if kind == "signed_pct":
+        return f"{100 * value:+.1f}"
+    if kind == "num":
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(title: str, header: Sequence[str], kinds: Sequence[str], rows: Sequence[Sequence[Any]],
+          note: str = "") -> dict[str, Any]:
+    """A report table as JSON-ready data: the report renders it with ``render_table`` and nothing else."""
+    if len(kinds) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError(f"table {title!r}: header, kinds and rows must have the same width")
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"table {title!r}: unknown column kinds {sorted(unknown)}")
+    return {"title": title, "header": list(header), "kinds": list(kinds), "rows": [list(r) for r in rows],
+            "note": note}
+
+
+def render_table(data: dict[str, Any]) -> str:
+    """Markdown for a ``table`` dict."""
+    lines = ["| " + " | ".join(data["header"]) + " |", "|" + "---|" * len(data["header"])]
+    lines += ["| " + " | ".join(cell(v, k) for v, k in zip(row, data["kinds"], strict=True)) + " |"
+              for row in data["rows"]]
+    return "\n".join(lines)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
@@ -33,12 +69,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[float | None]],
              ylabel: str, command: str) -> Path:
     """Grouped bars: one group per x label, one bar per series; the caption names the command."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) * max(1, len(series)) / 2), 4))
+    plt, fig, ax = _figure(max(6, 0.9 * len(groups) * max(1, len(series)) / 2), 4)
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + i * width for g in range(len(groups))]
@@ -48,8 +79,66 @@ def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Se
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return _save(plt, fig, path, command)
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(width, height))
+
+
+def _save(plt, fig, path: Path, command: str) -> Path:
     fig.text(0.01, 0.01, f"made by: {command}", fontsize=7, color="gray")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def line_plot(path: Path, title: str, x: Sequence[float], series: dict[str, Sequence[float | None]], xlabel: str,
+              ylabel: str, command: str, percent: bool = True) -> Path:
+    """One line per series over ``x`` (missing points skipped); fractions shown as percentages."""
+    plt, fig, ax = _figure(6.5, 4)
+    scale = 100 if percent else 1
+    for name, values in series.items():
+        points = [(xi, scale * v) for xi, v in zip(x, values) if v is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, path, command)
+
+
+def heatmap(path: Path, title: str, labels: Sequence[str], matrix: Sequence[Sequence[float]], command: str,
+            cbar: str = "") -> Path:
+    """A labelled square matrix (pairwise cosines and the like), values written in the cells."""
+    plt, fig, ax = _figure(1.2 + 0.55 * len(labels), 1 + 0.5 * len(labels))
+    image = ax.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label=cbar)
+    ax.set_title(title)
+    return _save(plt, fig, path, command)
+
+
+def scatter_plot(path: Path, title: str, points: dict[str, Sequence[float]], xlabel: str, ylabel: str,
+                 command: str) -> Path:
+    """Labelled points ``name -> (x, y)``; y is a fraction shown as a percentage."""
+    plt, fig, ax = _figure(6.5, 4.5)
+    for name, (x, y) in points.items():
+        ax.scatter([x], [100 * y])
+        ax.annotate(name, (x, 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path, command)

@@ -2,6 +2,7 @@
 
 ``build(family, size, members=None)`` builds (or reuses) a family, or only the named members and their
 parents, and returns its folder; ``member(family, name, size)`` returns one member's Hugging Face folder;
+``require(family, size, names)`` checks that members are built (and offers the command that builds them);
 ``families()`` lists what can be built. Importing this package imports neither torch nor transformers.
 """
 
@@ -11,7 +12,7 @@ import importlib
 from pathlib import Path
 
 from mergelab.errors import MergelabError
-from mergelab.zoo.builder import FamilyPlan, build_plan, default_root, with_parents
+from mergelab.zoo.builder import FamilyPlan, build_plan, default_root, stale_members, with_parents
 
 # family -> (module with ``plan(size)``, the sizes it offers)
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -76,3 +77,21 @@ def build(
 def member(family: str, name: str, size: str = "test", out: Path | None = None) -> Path:
     """The folder of member ``name`` of ``family`` (built first, with its parents, if needed)."""
     return build(family, size, out=out, members=[name]) / name
+
+
+def require(family: str, size: str, names: list[str], build_missing: bool = False, device: str = "cpu",
+            progress: bool = True) -> Path:
+    """The family folder, after checking that ``names`` (and their parents) are built and current.
+
+    Missing or stale members are built when ``build_missing``; otherwise a ``MergelabError`` gives the command
+    that builds them."""
+    folder = family_dir(family, size)
+    missing = stale_members(family_plan(family, size), folder, names)
+    if missing and not build_missing:
+        raise MergelabError(
+            f"The {family} zoo at size {size!r} lacks {', '.join(missing)} in {folder}; build them with "
+            f"'mergelab zoo build {family} --size {size} --members {' '.join(names)}' or add --build-zoo."
+        )
+    if missing:
+        build(family, size, device=device, members=names, progress=progress, workers=2)
+    return folder

@@ -80,6 +80,12 @@ def member_keys(plan: FamilyPlan) -> dict[str, str]:
     return keys
 
 
+def stale_members(plan: FamilyPlan, folder: Path, names: list[str]) -> list[str]:
+    """Those of ``names`` and their parents that are not built in ``folder`` from the current recipe."""
+    keys = member_keys(plan)
+    return [m.name for m in with_parents(plan, names) if not _finished_record(folder / m.name, keys[m.name])]
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
