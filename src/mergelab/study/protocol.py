@@ -93,7 +93,7 @@ def run_study(name: str, out: str | Path, settings: StudySettings, executor: str
         "analysis": analysis,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "results.json").write_text(json.dumps(study, indent=1, sort_keys=True))
+    (out / "results.json").write_text(json.dumps(study, indent=1))
     write_report(out, study, module.figures(out, analysis, command))
     return study
 

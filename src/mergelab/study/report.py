@@ -69,7 +69,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[float | None]],
              ylabel: str, command: str) -> Path:
     """Grouped bars: one group per x label, one bar per series; the caption names the command."""
-    plt, fig, ax = _figure(max(6, 0.9 * len(groups) * max(1, len(series)) / 2), 4)
+    plt, fig, ax = new_figure(max(6, 0.9 * len(groups) * max(1, len(series)) / 2), 4)
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [g + i * width for g in range(len(groups))]
@@ -79,10 +79,11 @@ def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Se
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path, command)
+    return save_figure(plt, fig, path, command)
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """(pyplot, figure, axes) on the non-interactive backend; finish with ``save_figure``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +92,8 @@ def _figure(width: float, height: float):
     return plt, *plt.subplots(figsize=(width, height))
 
 
-def _save(plt, fig, path: Path, command: str) -> Path:
+def save_figure(plt, fig, path: Path, command: str) -> Path:
+    """Caption ``fig`` with the command that made it, save it to ``path`` and close it."""
     fig.text(0.01, 0.01, f"made by: {command}", fontsize=7, color="gray")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
@@ -102,7 +104,7 @@ def _save(plt, fig, path: Path, command: str) -> Path:
 def line_plot(path: Path, title: str, x: Sequence[float], series: dict[str, Sequence[float | None]], xlabel: str,
               ylabel: str, command: str, percent: bool = True) -> Path:
     """One line per series over ``x`` (missing points skipped); fractions shown as percentages."""
-    plt, fig, ax = _figure(6.5, 4)
+    plt, fig, ax = new_figure(6.5, 4)
     scale = 100 if percent else 1
     for name, values in series.items():
         points = [(xi, scale * v) for xi, v in zip(x, values) if v is not None]
@@ -112,13 +114,13 @@ def line_plot(path: Path, title: str, x: Sequence[float], series: dict[str, Sequ
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(plt, fig, path, command)
+    return save_figure(plt, fig, path, command)
 
 
 def heatmap(path: Path, title: str, labels: Sequence[str], matrix: Sequence[Sequence[float]], command: str,
             cbar: str = "") -> Path:
     """A labelled square matrix (pairwise cosines and the like), values written in the cells."""
-    plt, fig, ax = _figure(1.2 + 0.55 * len(labels), 1 + 0.5 * len(labels))
+    plt, fig, ax = new_figure(1.2 + 0.55 * len(labels), 1 + 0.5 * len(labels))
     image = ax.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -127,13 +129,13 @@ def heatmap(path: Path, title: str, labels: Sequence[str], matrix: Sequence[Sequ
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, label=cbar)
     ax.set_title(title)
-    return _save(plt, fig, path, command)
+    return save_figure(plt, fig, path, command)
 
 
 def scatter_plot(path: Path, title: str, points: dict[str, Sequence[float]], xlabel: str, ylabel: str,
                  command: str) -> Path:
     """Labelled points ``name -> (x, y)``; y is a fraction shown as a percentage."""
-    plt, fig, ax = _figure(6.5, 4.5)
+    plt, fig, ax = new_figure(6.5, 4.5)
     for name, (x, y) in points.items():
         ax.scatter([x], [100 * y])
         ax.annotate(name, (x, 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
@@ -141,4 +143,4 @@ def scatter_plot(path: Path, title: str, points: dict[str, Sequence[float]], xla
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(plt, fig, path, command)
+    return save_figure(plt, fig, path, command)

@@ -24,6 +24,8 @@ the split, so the same image never carries the same noise in both splits.
 
 from __future__ import annotations
 
+import functools
+
 import gzip
 import json
 import sys
@@ -162,8 +164,10 @@ def _drop_seen(images: np.ndarray, labels: np.ndarray, train: np.ndarray) -> tup
     return images[keep], labels[keep]
 
 
+@functools.lru_cache(maxsize=4)
 def source_split(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images (N x 1 x 28 x 28, float32 in [0, 1]) and labels of ``source`` in ``split``."""
+    """All images (N x 1 x 28 x 28, float32 in [0, 1]) and labels of ``source`` in ``split``. Cached per
+    process (reading and de-duplicating Fashion-MNIST dominated every evaluation): callers must not modify them."""
     if split not in ("train", "test"):
         raise MergelabError(f"Vision split must be 'train' or 'test', not {split!r}.")
     if source == "fashion":
