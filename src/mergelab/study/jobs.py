@@ -189,13 +189,14 @@ def _measure(job: Job, model: Path, device: str) -> dict[str, Any]:
 
 
 def merge_summary(merged: Path) -> dict[str, Any]:
-    """From ``mergelab.json``: the fraction of elements left equal to the recipe's base, and the records of
-    model-level passes (FIM's per-layer α, calibration scales)."""
+    """From ``mergelab.json``: the fraction of elements left equal to the recipe's base (None for a recipe without
+    one), and the records of model-level passes (FIM's per-layer α, calibration scales)."""
     record = json.loads((merged / "mergelab.json").read_text())
     tensors = record["tensors"].values()
     total = sum(s["numel"] for s in tensors)
     changed = sum(s.get("changed_from_base", 0.0) * s["numel"] for s in tensors)
-    summary = {"unchanged_from_base": 1.0 - changed / total if total else 0.0}
+    has_base = bool(record["recipe"].get("base_model"))
+    summary = {"unchanged_from_base": 1.0 - changed / total if total and has_base else None}
     for name in ("prepare", "finish"):
         if record.get(name):
             summary[name] = _without(record[name], RUN_DEPENDENT)

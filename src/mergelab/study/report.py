@@ -106,9 +106,11 @@ def line_plot(path: Path, title: str, x: Sequence[float], series: dict[str, Sequ
     """One line per series over ``x`` (missing points skipped); fractions shown as percentages."""
     plt, fig, ax = new_figure(6.5, 4)
     scale = 100 if percent else 1
-    for name, values in series.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, values) in enumerate(series.items()):  # tab20 and cycling markers: up to 20 distinct lines
         points = [(xi, scale * v) for xi, v in zip(x, values) if v is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="osD^v<>ph*"[i % 10],
+                color=colours[i % len(colours)], label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
