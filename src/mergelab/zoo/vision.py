@@ -25,7 +25,6 @@ the split, so the same image never carries the same noise in both splits.
 from __future__ import annotations
 
 import functools
-
 import gzip
 import json
 import sys
