@@ -47,7 +47,7 @@ from typing import Any
 from mergelab.errors import MergelabError
 from mergelab.study.jobs import Job
 from mergelab.study.protocol import StudySettings
-from mergelab.study.report import bar_plot, heatmap, line_plot, new_figure, save_figure, scatter_plot, table
+from mergelab.study.report import bar_plot, heatmap, label_axes, line_plot, new_figure, save_figure, scatter_plot, table
 
 TITLE = "In-the-wild merging of the tiny-lm pool"
 PAPER = ("A Systematic Study of In-the-Wild Model Merging for LLMs (shared/papers/003), Tables 1-3, Figs. 3-6, "
@@ -394,11 +394,7 @@ def band_plot(path: Path, title: str, x: list[int], series: dict[str, list[list[
         ax.axhline(scale * value, linestyle="--", linewidth=1, color="gray")
         ax.annotate(name, (x[-1], scale * value), fontsize=7, color="gray", ha="right", va="bottom")
     ax.set_xticks(x)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+    label_axes(ax, title, xlabel, ylabel, legend_columns=3)
     return save_figure(plt, fig, path, command)
 
 

@@ -92,6 +92,16 @@ def new_figure(width: float, height: float):
     return plt, *plt.subplots(figsize=(width, height))
 
 
+def label_axes(ax, title: str, xlabel: str, ylabel: str, legend_columns: int = 0) -> None:
+    """Title, axis labels and a light grid; a legend in ``legend_columns`` columns when that is not 0."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend_columns:
+        ax.legend(fontsize=7, ncol=legend_columns)
+
+
 def save_figure(plt, fig, path: Path, command: str) -> Path:
     """Caption ``fig`` with the command that made it, save it to ``path`` and close it."""
     fig.text(0.01, 0.01, f"made by: {command}", fontsize=7, color="gray")
@@ -111,11 +121,7 @@ def line_plot(path: Path, title: str, x: Sequence[float], series: dict[str, Sequ
         points = [(xi, scale * v) for xi, v in zip(x, values) if v is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="osD^v<>ph*"[i % 10],
                 color=colours[i % len(colours)], label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    label_axes(ax, title, xlabel, ylabel, legend_columns=2)
     return save_figure(plt, fig, path, command)
 
 
@@ -141,8 +147,5 @@ def scatter_plot(path: Path, title: str, points: dict[str, Sequence[float]], xla
     for name, (x, y) in points.items():
         ax.scatter([x], [100 * y])
         ax.annotate(name, (x, 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    label_axes(ax, title, xlabel, ylabel)
     return save_figure(plt, fig, path, command)
