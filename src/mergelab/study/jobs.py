@@ -155,6 +155,7 @@ def _materialise(job: Job, merged: Path, device: str) -> Path:
     from mergelab.api import merge
 
     merged.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(merged.with_name(merged.name + ".partial"), ignore_errors=True)  # left by a killed study
     merge(job.recipe, merged, overwrite=True, device=device, progress=False)
     return merged
 
