@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,15 +75,18 @@ def write_model(folder: Path, shape: str, seed: int, base: Path | None) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 2**20
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GiB) and CPU seconds (user + system) of one child process. Its stderr (progress
+    bars) goes to a file: a pipe read only after the child exits blocks the child once its 64 KiB are full."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
 
 
 IO_FLOOR = """
@@ -153,7 +157,7 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--write", str(f), shape, str(i),
                                 "-" if i == 0 else str(folders[0])], check=True)
         out_bytes = (folders[0] / "model.safetensors").stat().st_size
-        floors: dict[tuple[str, ...], tuple[float, float]] = {}
+        floors: dict[tuple[str, ...], tuple[float, float, float]] = {}
         for method in args.methods:
             recipe, used = recipe_for(method, folders[0], folders[1:])
             inputs = tuple(str(f / "model.safetensors") for f in used)
@@ -182,11 +186,11 @@ def main() -> None:
                   flush=True)
 
 
-def format_row(shape: str, method: str, results: dict[str, tuple[float, float]]) -> str:
+def format_row(shape: str, method: str, results: dict[str, tuple[float, float, float]]) -> str:
     floor_wall = results["floor"][0]
-    cells = [f"{shape} {method}"]
-    for name, (wall, rss) in results.items():
-        cells.append(f"{name}: {wall:.2f} s ({wall / floor_wall:.2f}x floor), peak RSS {rss:.2f} GiB")
+    cells = [f"{shape} {method} (load {os.getloadavg()[0]:.1f})"]
+    for name, (wall, rss, cpu) in results.items():
+        cells.append(f"{name}: {wall:.2f} s ({wall / floor_wall:.2f}x floor), cpu {cpu:.1f} s, peak RSS {rss:.2f} GiB")
     if "mergekit" in results:
         cells.append(f"mergekit/mergelab wall: {results['mergekit'][0] / results['mergelab'][0]:.2f}x")
     return " | ".join(cells)

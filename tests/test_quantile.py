@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mergelab.ops.quantile import INTERPOLATIONS, quantiles
+from mergelab.ops.quantile import INTERPOLATIONS, SampledSelection, Selection, quantiles
 
 QS = [0.0, 0.01, 0.25, 0.3, 0.5, 0.62, 0.75, 0.9, 0.97, 1.0]
 DISCRETE = ("lower", "higher", "nearest")
@@ -133,3 +133,46 @@ def test_cuda_matches_cpu():
     x = torch.randn(5_000_000, generator=g).abs_()
     for interpolation in INTERPOLATIONS:
         assert quantiles(x.cuda(), QS, interpolation) == quantiles(x, QS, interpolation)
+
+
+def _selected(selection, values: torch.Tensor, block: int) -> int:
+    passes = 0
+    while not selection.done:
+        for start in range(0, values.numel(), block):
+            selection.feed(values[start:start + block])
+        selection.end_pass()
+        passes += 1
+    return passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampled_selection_is_exact_and_falls_back_when_the_sample_misleads(dtype):
+    rng = np.random.default_rng(11)
+    n = 6100
+    data = {"normal": rng.normal(size=n), "ties": rng.integers(0, 5, n) * 0.5,
+            # every 61st value (all the strided sample sees) is an outlier: the brackets miss
+            "periodic": np.where(np.arange(n) % 61 == 0, 100.0, rng.normal(size=n))}
+    ranks = [0, 17, 3050, 4270, n - 1]
+    for kind, values in data.items():
+        x = torch.tensor(values, dtype=dtype)
+        ordered = np.sort(x.numpy())
+        for block in (97, n):
+            selection = SampledSelection(n, ranks, gather_limit=16)
+            passes = _selected(selection, x, block)
+            assert (passes > 2) == (kind == "periodic"), (kind, passes)
+            radix = Selection(n, ranks, gather_limit=16)
+            _selected(radix, x, block)
+            for rank in ranks:
+                value = ordered[rank]
+                found = selection.found[rank]
+                assert (found.value, found.below, found.equal) == (
+                    value, np.count_nonzero(ordered < value), np.count_nonzero(ordered == value))
+                assert found == radix.found[rank]
+
+
+def test_sampled_selection_reports_nan():
+    x = torch.randn(5000)
+    x[4321] = float("nan")
+    selection = SampledSelection(x.numel(), [2500], gather_limit=16)
+    _selected(selection, x, 1000)
+    assert selection.nan

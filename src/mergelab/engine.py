@@ -1,11 +1,15 @@
 """recipe -> plan -> (read | compute | write) -> model folder.
 
-Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` output
-tensors (memory-mapped, checked for NaN/Inf), the calling thread runs the method, and a writer thread appends
-results to the current shard. Only the tensors in flight are in memory, so peak memory is bounded by about
-``read_ahead + 2`` tensor groups whatever the model size; for elementwise methods a large tensor is split
-into row blocks of at most ``chunk_elements`` elements, so memory does not grow even with the largest tensor.
-The engine knows nothing of a method's maths.
+Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` pieces
+(``pread``, checked for NaN/Inf), the calling thread runs the method, and a writer thread appends results to
+the current shard. Only the pieces in flight are in memory, so peak memory is bounded by about
+``read_ahead + 2`` pieces whatever the model size. A piece is a whole tensor, or a row block of at most
+``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass`` methods (a
+per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once per
+statistics pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds
+compute a piece in cache-sized tiles (``tile_elements``) on one torch thread (``compute_threads``); the output
+statistics (fractions equal to each input) are counted on the tiles too. The engine knows nothing of a method's
+maths.
 """
 
 from __future__ import annotations
@@ -13,23 +17,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergelab.checkpoint.reader import ModelReader, open_model
 from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, ShardWriter, plan_shards, shard_file_names
 from mergelab.config import Recipe
 from mergelab.errors import CheckpointError, MergelabError, OutputError, RecipeError
-from mergelab.methods.spec import MethodCall
+from mergelab.methods.spec import BlockState, MethodCall
 from mergelab.output_files import write_model_files, write_record
 from mergelab.plan import MergePlan, TensorJob, build_plan, resolve_model_path
 
@@ -38,7 +45,14 @@ log = logging.getLogger("mergelab")
 
 @dataclass
 class MergeOptions:
-    """How to run a merge (never what to compute: that is the recipe)."""
+    """How to run a merge (never what to compute: that is the recipe).
+
+    Sizes in elements: ``chunk_elements`` per row block read from disk; ``stream_elements``: ``TwoPass`` methods
+    read larger tensors in blocks, once per statistics pass; ``tile_elements`` per tile computed from a piece
+    (cache-sized). ``compute_threads``: torch threads while tiles are computed on the CPU; the reader and
+    writer threads use the other cores, and cache-sized tiles gain little from more threads (on a shared 2-core
+    machine OpenMP's spin-waits made the same merge take 4x the CPU time).
+    """
 
     device: str = "cpu"
     float64: bool = False
@@ -52,6 +66,9 @@ class MergeOptions:
     read_ahead: int = 2
     read_threads: int = 2
     chunk_elements: int = 1 << 22
+    stream_elements: int = 1 << 24
+    tile_elements: int = 1 << 18
+    compute_threads: int = 1
     progress: bool = True
 
 
@@ -87,23 +104,73 @@ def plan_key(plan: MergePlan, options: MergeOptions) -> str:
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows ``[start, stop)`` of one output tensor: the whole tensor, or a row block of an elementwise method."""
+    """Rows ``[start, stop)`` of one output tensor: the whole tensor or a row block. ``pass_index`` numbers the
+    statistics passes of a ``TwoPass`` method (None: the piece is computed and written); ``check``: its inputs
+    are checked for NaN/Inf (once per tensor: in the first pass that reads them)."""
 
     shard: int
     job: TensorJob
     start: int
     stop: int
     whole: bool
+    pass_index: int | None = None
+    check: bool = True
+
+    @property
+    def last(self) -> bool:
+        """The piece ends its tensor (and so its pass)."""
+        return self.stop == (self.job.shape[0] if self.job.shape else 1)
 
 
-def pieces(plan: MergePlan, shard: int, job: TensorJob, max_elements: int) -> list[Piece]:
-    """Split a job into row blocks of at most ``max_elements`` when its method is elementwise."""
-    rows = job.shape[0] if job.shape else 1
-    row_size = max(1, torch.Size(job.shape[1:]).numel()) if job.shape else 1
-    per_piece = max(1, max_elements // row_size)
-    if not plan.method.elementwise or rows <= per_piece or not job.shape:
-        return [Piece(shard, job, 0, rows, True)]
-    return [Piece(shard, job, a, min(a + per_piece, rows), False) for a in range(0, rows, per_piece)]
+def row_blocks(plan: MergePlan, job: TensorJob, options: MergeOptions) -> list[tuple[int, int]] | None:
+    """Row ranges of at most ``chunk_elements`` elements when the job is computed in blocks, else None.
+
+    Elementwise methods split any tensor larger than a block. ``TwoPass`` methods split tensors of 2 or more
+    dimensions above ``stream_elements`` (smaller ones are read once, whole, instead of once per pass), and
+    random ones only on the CPU, where a generator draws the same numbers whether a tensor comes whole or in
+    blocks (CUDA's draws depend on the launch shape).
+    """
+    if not job.shape:
+        return None
+    rows, row_size = job.shape[0], max(1, torch.Size(job.shape[1:]).numel())
+    per_piece = max(1, options.chunk_elements // row_size)
+    method = plan.method
+    blockwise = method.elementwise or (
+        method.two_pass is not None and len(job.shape) >= 2 and rows * row_size > options.stream_elements
+        and (not method.random or torch.device(options.device).type == "cpu"))
+    if not blockwise or rows <= per_piece:
+        return None
+    return [(a, min(a + per_piece, rows)) for a in range(0, rows, per_piece)]
+
+
+def job_pieces(plan: MergePlan, shard: int, job: TensorJob, options: MergeOptions, seed: int,
+               states: dict[str, BlockState]) -> Iterator[Piece]:
+    """The pieces of one job, in order. For a ``TwoPass`` job in blocks, the statistics passes come first; how
+    many is known only once a pass has been observed, so a pass may be yielded ahead (read-ahead) and then
+    skipped by ``stream`` when the state turns out ``done``."""
+    blocks = row_blocks(plan, job, options)
+    if blocks is None:
+        yield Piece(shard, job, 0, job.shape[0] if job.shape else 1, True)
+        return
+    checked = False
+    if not plan.method.elementwise:
+        state = states[job.name] = plan.method.two_pass.start(job.info, job.params, job.shape,
+                                                               _generator(plan, job, options, seed))
+        pass_index = 0
+        while not state.done:
+            for start, stop in blocks:
+                if state.done:
+                    break
+                yield Piece(shard, job, start, stop, False, pass_index, check=pass_index == 0)
+            checked, pass_index = True, pass_index + 1
+    for start, stop in blocks:
+        yield Piece(shard, job, start, stop, False, check=not checked)
+
+
+def _generator(plan: MergePlan, job: TensorJob, options: MergeOptions, seed: int) -> torch.Generator | None:
+    if not plan.method.random:
+        return None
+    return torch.Generator(device=options.device).manual_seed(tensor_seed(seed, job.name))
 
 
 def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
@@ -122,42 +189,145 @@ def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
     return tensors
 
 
-def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options: MergeOptions,
-             seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the method on one piece; return the output (output dtype, on CPU) and its element counts."""
+class _Buffers:
+    """Reused work memory for tiles: one flat buffer per slot, grown when a larger tile needs it, so computing
+    a piece allocates nothing large (fresh large allocations cost page faults on every piece)."""
+
+    def __init__(self) -> None:
+        self.flat: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = torch.Size(shape).numel()
+        flat = self.flat.get(slot)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
+            flat = self.flat[slot] = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        return flat[:numel].view(shape)
+
+
+class _Tiles:
+    """A piece's inputs cast to the compute dtype tile by tile: row ranges of at most ``tile_elements`` (one tile
+    on other devices), each cast into the same buffers, so the method's many elementwise passes stay in the CPU
+    cache and allocate nothing large. A tile's tensors are valid until the next tile is cast; one more buffer
+    holds the tile's output back in the compute dtype, for counting equal elements."""
+
+    def __init__(self, piece: Piece, inputs: list[torch.Tensor], options: MergeOptions, buffers: _Buffers):
+        self.piece, self.inputs = piece, inputs
+        self.dtype = torch.float64 if options.float64 else torch.float32
+        self.device = torch.device(options.device)
+        shape = tuple(inputs[0].shape)
+        rows = shape[0] if shape else 1
+        row_size = max(1, torch.Size(shape[1:]).numel()) if shape else 1
+        per_tile = max(1, options.tile_elements // row_size) if self.device.type == "cpu" else rows
+        self.bounds = [(a, min(a + per_tile, rows)) for a in range(0, rows, per_tile)] or [(0, 0)]
+        tile_shape = (min(per_tile, rows), *shape[1:]) if shape else ()
+        self.buffers = [buffers.get(i, tile_shape, self.dtype, self.device) for i in range(len(inputs) + 1)]
+
+    def cast(self, a: int, b: int, check: bool) -> list[torch.Tensor]:
+        """Rows ``[a, b)`` of every input in the compute dtype; checked for NaN/Inf when ``check``."""
+        moved = [buffer[: b - a].copy_(t[a:b]) if t.dim() else buffer.copy_(t)
+                 for buffer, t in zip(self.buffers, self.inputs)]
+        if check and not all_finite(moved):
+            job = self.piece.job
+            for source, tensor in zip(([job.base] if job.base else []) + job.experts, moved):
+                if not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; "
+                                          "repair or exclude this model")
+        return moved
+
+    def call(self, a: int, b: int, check: bool, generator: torch.Generator | None = None) -> MethodCall:
+        job = self.piece.job
+        moved = self.cast(a, b, check)
+        return MethodCall(moved[0] if job.base else None, moved[1:] if job.base else moved, job.info, job.params,
+                          generator)
+
+
+def _observe(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options: MergeOptions,
+             state: BlockState, buffers: _Buffers) -> None:
+    """A statistics-pass piece: feed its tiles to the tensor's state, and close the pass after its last block."""
+    tiles = _Tiles(piece, inputs, options, buffers)
+    for a, b in tiles.bounds:
+        state.observe(tiles.call(a, b, piece.check))
+    if piece.last:
+        state.end_pass()
+
+
+def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options: MergeOptions, seed: int,
+             state: BlockState | None, buffers: _Buffers) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the method on one piece; return the output (output dtype, on CPU) and its element counts.
+
+    Elementwise and ``TwoPass`` methods run tile by tile (``_Tiles``); a whole tensor of a ``TwoPass`` method
+    runs its statistics passes over the tiles in memory first. Other methods get the whole piece as one tile.
+    """
+    job, method = piece.job, plan.method
+    tiled = method.elementwise or method.two_pass is not None
+    tiles = _Tiles(piece, inputs, options if tiled else replace(options, tile_elements=1 << 62),
+                   buffers if tiled else _Buffers())
+    generator = None if method.two_pass is not None else _generator(plan, job, options, seed)
+    check = piece.check
+    if state is None and not method.elementwise and method.two_pass is not None:  # a whole TwoPass tensor
+        state = method.two_pass.start(job.info, job.params, job.shape, _generator(plan, job, options, seed))
+        while not state.done:
+            for a, b in tiles.bounds:
+                state.observe(tiles.call(a, b, check))
+            state.end_pass()
+            check = False
+    shape = job.shape if piece.whole else (piece.stop - piece.start, *job.shape[1:])
+    out = torch.empty(shape, dtype=plan.out_dtype)
+    totals: dict[str, Any] = {"numel": 0, "equal_to": {}}
+    for a, b in tiles.bounds:
+        call = tiles.call(a, b, check, generator)
+        result = method.fn(call) if state is None else method.two_pass.block(call, state)
+        counts = _output(plan, piece, tiles, call, result, (a, b), out[a:b] if out.dim() else out)
+        totals["numel"] += counts.pop("numel")
+        for model, n in counts.pop("equal_to").items():
+            totals["equal_to"][model] = totals["equal_to"].get(model, 0) + n
+        totals.update(counts)
+    return out, totals
+
+
+def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, result: Any, rows: tuple[int, int],
+            out: torch.Tensor) -> dict[str, Any]:
+    """Cast one tile's result into ``out`` (its ``rows`` of the piece's output), check it, and count the elements
+    equal to each input (compared in the compute dtype, with numpy's vectorised comparisons on the CPU)."""
     job = piece.job
-    compute_dtype = torch.float64 if options.float64 else torch.float32
-    moved = [t.to(options.device, compute_dtype) for t in inputs]
-    sources = ([job.base] if job.base else []) + job.experts
-    if not all_finite(moved):
-        for source, tensor in zip(sources, moved):
-            if not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; repair "
-                                      "or exclude this model")
-    base = moved[0] if job.base else None
-    experts = moved[1:] if job.base else moved
-    generator = None
-    if plan.method.random:
-        generator = torch.Generator(device=options.device).manual_seed(tensor_seed(seed, job.name))
-    result = plan.method.fn(MethodCall(base, experts, job.info, job.params, generator))
     merged, method_stats = result if isinstance(result, tuple) else (result, {})
-    out = merged.to(plan.out_dtype).cpu()
+    out.copy_(merged)
     checked = [merged, out] if plan.out_dtype == torch.float16 else [merged]  # float16 can overflow in the cast
-    finite = all_finite(checked) or bool(torch.isfinite(out).all())
-    del merged, moved, checked
-    if not finite:
+    if not (all_finite(checked) or bool(torch.isfinite(out).all())):
         raise RecipeError(f"method '{plan.method.name}' produced NaN or Inf in tensor '{job.name}' (as "
                           f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
-    equal = {s.model: torch.count_nonzero(out == t.to(out.dtype)).item() for s, t in zip(sources, inputs)}
-    counts = {"numel": out.numel(), "equal_to": equal}
-    return out, {**counts, **method_stats}
+    sources = ([job.base] if job.base else []) + job.experts
+    moved = ([call.base] if job.base else []) + call.experts
+    rounded = tiles.buffers[-1][: out.shape[0]] if out.dim() else tiles.buffers[-1]
+    rounded.copy_(out)  # the output as written, back in the compute dtype
+    equal = {}
+    for source, raw, tensor in zip(sources, tiles.inputs, moved):
+        if _exactly_in(raw.dtype, plan.out_dtype):
+            equal[source.model] = _count_equal(rounded, tensor)
+        else:  # the input rounds to the output dtype: compare there, as the recorded fraction means
+            tile = raw[rows[0]:rows[1]] if raw.dim() else raw
+            equal[source.model] = int(torch.count_nonzero(out == tile.to(out.dtype)))
+    return {"numel": out.numel(), "equal_to": equal, **method_stats}
+
+
+def _exactly_in(dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Every value of ``dtype`` is a value of ``out_dtype`` (so equality can be tested in the compute dtype)."""
+    if dtype == out_dtype or out_dtype == torch.float64:
+        return True
+    return out_dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+
+
+def _count_equal(a: torch.Tensor, b: torch.Tensor) -> int:
+    if a.device.type == "cpu":  # numpy's comparisons are vectorised, several times faster than torch's here
+        return int(np.count_nonzero(a.numpy() == b.numpy()))
+    return int(torch.count_nonzero(a == b))
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """True when no tensor holds NaN or Inf, by one float32 sum each (a NaN or Inf anywhere makes the sum
     non-finite); a False may also mean a finite sum overflowed, so callers confirm with ``isfinite``. A sum is
     several times cheaper than ``isfinite(...).all()``, which writes a boolean tensor."""
-    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors)
+    return all(math.isfinite(t.sum(dtype=torch.float32).item()) for t in tensors)
 
 
 def _add_counts(stats: MergeStats, piece: Piece, counts: dict[str, Any]) -> None:
@@ -167,7 +337,7 @@ def _add_counts(stats: MergeStats, piece: Piece, counts: dict[str, Any]) -> None
     for model, n in counts.pop("equal_to").items():
         entry["equal_to"][model] = entry["equal_to"].get(model, 0) + n
     entry.update(counts)
-    if piece.stop == (piece.job.shape[0] if piece.job.shape else 1):
+    if piece.last:
         total = max(entry["numel"], 1)
         entry["equal_to"] = {m: n / total for m, n in entry["equal_to"].items()}
         if piece.job.base is not None:
@@ -218,37 +388,48 @@ def stream(plan: MergePlan, output: OutputFolder, options: MergeOptions, seed: i
     shards = plan_shards(planned, options.shard_size)
     names = shard_file_names(len(shards))
     jobs = {job.name: job for job in plan.jobs}
-    todo = [piece for i, shard in enumerate(shards) if names[i] not in output.done for t in shard
-            for piece in pieces(plan, i, jobs[t.name], options.chunk_elements)]
+    remaining = [(i, jobs[t.name]) for i, shard in enumerate(shards) if names[i] not in output.done for t in shard]
+    states: dict[str, BlockState] = {}
+    buffers = _Buffers()
+    todo = (piece for i, job in remaining for piece in job_pieces(plan, i, job, options, seed, states))
     stats = MergeStats()
     writer = _Writer(output, shards, names)
     writer.start()
-    done_before = len(plan.jobs) - len({p.job.name for p in todo})
-    bar = tqdm(total=len(plan.jobs), initial=done_before, unit="tensor", disable=not options.progress, desc="merging")
+    bar = tqdm(total=len(plan.jobs), initial=len(plan.jobs) - len(remaining), unit="tensor",
+               disable=not options.progress, desc="merging")
     started = time.perf_counter()
     pending: deque[tuple[Piece, Future]] = deque()
+    threads = torch.get_num_threads()
+    if (plan.method.elementwise or plan.method.two_pass is not None) and torch.device(options.device).type == "cpu":
+        torch.set_num_threads(options.compute_threads)
     try:
         with ThreadPoolExecutor(max_workers=options.read_threads) as pool:
-            upcoming = iter(todo)
-            for piece in upcoming:
+            for piece in todo:
                 pending.append((piece, pool.submit(_read, plan, piece)))
                 if len(pending) > options.read_ahead:
                     break
             while pending:
                 piece, future = pending.popleft()
                 inputs = future.result()
-                next_piece = next(upcoming, None)
+                next_piece = next(todo, None)
                 if next_piece is not None:
                     pending.append((next_piece, pool.submit(_read, plan, next_piece)))
                 stats.bytes_read += sum(t.numel() * t.element_size() for t in inputs)
-                out, counts = _compute(plan, piece, inputs, options, seed)
+                if piece.pass_index is not None:  # a statistics pass; skipped if read ahead but not needed
+                    if not states[piece.job.name].done:
+                        _observe(plan, piece, inputs, options, states[piece.job.name], buffers)
+                    continue
+                state = states.pop(piece.job.name, None) if piece.last else states.get(piece.job.name)
+                out, counts = _compute(plan, piece, inputs, options, seed, state, buffers)
                 del inputs
                 _add_counts(stats, piece, counts)
                 writer.put((piece.shard, piece.job.name, out))
-                if piece.stop == (piece.job.shape[0] if piece.job.shape else 1):
+                if piece.last:
+                    rate = stats.bytes_read / 1e9 / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
                     bar.update(1)
-                bar.set_postfix_str(f"{stats.bytes_read / 1e9 / max(time.perf_counter() - started, 1e-9):.2f} GB/s")
     finally:
+        torch.set_num_threads(threads)
         for _, future in pending:
             future.cancel()
         writer.queue.put(None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -116,7 +116,50 @@ class Param:
         return f"{left}{low}, {high}{right}"
 
 
-MethodFn = Callable[[MethodCall], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+MethodResult = "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"
+MethodFn = Callable[[MethodCall], MethodResult]
+
+
+class BlockState(Protocol):
+    """One tensor's state under ``TwoPass``: per-tensor statistics gathered in pass 1, then whatever pass 2
+    carries from one block to the next (a count of tied entries already taken, a random generator's position).
+    """
+
+    @property
+    def done(self) -> bool:
+        """True once the statistics are complete (possibly from the start: then pass 1 is skipped)."""
+
+    def observe(self, call: MethodCall) -> None:
+        """Pass 1: take one row block into the statistics."""
+
+    def end_pass(self) -> None:
+        """Pass 1: every block was observed once; ``done`` says whether another pass is needed."""
+
+
+@dataclass(frozen=True)
+class TwoPass:
+    """A method whose only whole-tensor need is a per-tensor statistic, so it runs in row blocks.
+
+    ``start(info, params, shape, generator)`` makes a tensor's ``BlockState`` (``shape`` is the whole tensor's,
+    ``generator`` the tensor's seeded generator, or None). Pass 1 streams the blocks through ``observe`` once per
+    ``end_pass`` until ``done``; pass 2 calls ``block(call, state)`` on each block and returns its output, as a
+    method function does. In both passes every block of the tensor comes exactly once, in row order, and a
+    block holds whole rows (first-dimension slices) of a tensor of at least 2 dimensions. A call's tensors are
+    valid only during the call (the engine reuses their memory), so a state copies what it keeps.
+    ``whole(call)`` runs both passes on one block, the whole tensor: a spec's ``fn`` is that, so the two paths
+    are one code.
+    """
+
+    start: Callable[[TensorInfo, dict[str, Any], tuple[int, ...], torch.Generator | None], BlockState]
+    block: Callable[[MethodCall, BlockState], MethodResult]
+
+    def whole(self, call: MethodCall) -> MethodResult:
+        reference = call.experts[0] if call.experts else call.base
+        state = self.start(call.info, call.params, tuple(reference.shape), call.generator)
+        while not state.done:
+            state.observe(call)
+            state.end_pass()
+        return self.block(call, state)
 
 
 @dataclass
@@ -142,6 +185,8 @@ class MethodSpec:
     ``min_experts``/``max_experts`` count the non-base models. ``random``: the function draws from
     ``MethodCall.generator``. ``elementwise``: each output element depends only on the same element of the
     inputs (and the parameters), so the engine may compute a large tensor in row blocks to bound memory.
+    ``two_pass``: the method is elementwise given per-tensor statistics (``TwoPass``); the engine computes a
+    large tensor in row blocks, streaming them once per statistics pass and once more to compute the output.
     ``prepare``/``finish``: optional model-level passes (``ModelPass``) before and after streaming
     (FIM-Merging's Fisher, residual norm calibration); the per-tensor function stays pure.
     """
@@ -155,6 +200,7 @@ class MethodSpec:
     max_experts: int | None = None
     random: bool = False
     elementwise: bool = False
+    two_pass: TwoPass | None = None
     prepare: Callable[..., ModelPass] | None = None
     finish: Callable[..., ModelPass] | None = None
     aliases_of: str | None = None

@@ -8,23 +8,32 @@ sign-agreement mask (eq. 3) where the method elects signs.
 Deliberate difference from mergekit (its issue 474): TIES-style methods elect the sign on the *unweighted*
 trimmed task vectors, as the TIES paper does; ``vote: weighted`` elects on ``w_i δ_i`` as mergekit does. With
 equal weights the two agree.
+
+Every member is a ``TwoPass`` method: its per-tensor statistics (the trim threshold of TIES and Breadcrumbs,
+the generator positions and L1 norms of the random drops) are gathered over row blocks, and the rest is
+elementwise, so the engine streams a large tensor in blocks; on a whole tensor the same code runs on one block.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
+from mergelab.methods.spec import MethodCall, MethodSpec, Param, TensorInfo, TwoPass, weight_param
 from mergelab.ops.consensus import disjoint_sum, elect_sign
 from mergelab.ops.sparsify import (
+    L1Norm,
+    RankWindow,
     bernoulli_mask,
-    magnitude_mask,
+    l1_scale,
+    magnitude_window,
     magprune_keep_prob,
-    outlier_mask,
-    rescale_l1,
+    outlier_window,
 )
 
 LAMBDA = Param("lambda", float, default=1.0, help="global scale of the merged update (λ, eq. 2)")
@@ -78,36 +87,100 @@ class Family:
         return tuple(params)
 
 
-def _sparsify(family: Family, delta: torch.Tensor, call: MethodCall, i: int) -> torch.Tensor:
-    """Apply the family's sparsifier to expert ``i``'s task vector."""
-    p = call.params
-    if family.sparsifier is None or p["density"][i] >= 1.0:
-        return delta
-    density = p["density"][i]
-    if family.sparsifier == "magnitude":
-        return delta * magnitude_mask(delta, density)
-    if family.sparsifier == "outliers":
-        return delta * outlier_mask(delta, density, p["gamma"][i])
-    if family.sparsifier == "random":
+class _Statistics:
+    """One tensor's statistics for a family member (its ``TwoPass`` state).
+
+    Trim sparsifiers (TIES magnitude, Breadcrumbs outliers) keep a ``RankWindow`` per expert. Random drops
+    (DARE, DELLA) draw from one generator, expert after expert, as on a whole tensor; pass 1 takes one pass per
+    drawing expert, drawing that expert's masks to find where the next expert's draws start and, for the L1
+    rescale, to sum the task vector's L1 norm before and after the drop. Pass 2 replays each expert's draws
+    from its start. Experts with density 1 are left as they are and draw nothing.
+    """
+
+    def __init__(self, family: Family, info: TensorInfo, params: dict[str, Any], shape: tuple[int, ...],
+                 generator: torch.Generator | None):
+        self.family, self.params = family, params
+        numel = math.prod(shape)
+        densities = params["density"] if family.sparsifier is not None else []
+        sparse = [i for i, density in enumerate(densities) if density < 1.0]
+        self.windows: dict[int, RankWindow] = {}
+        if family.sparsifier == "magnitude":
+            self.windows = {i: magnitude_window(numel, params["density"][i]) for i in sparse}
+        elif family.sparsifier == "outliers":
+            self.windows = {i: outlier_window(numel, params["density"][i], params["gamma"][i]) for i in sparse}
+        self.drawing = sparse if family.sparsifier in ("random", "magprune") else []
+        for i in self.drawing if family.sparsifier == "magprune" else []:
+            density, epsilon = params["density"][i], params["epsilon"][i]
+            if density - epsilon <= 0 or density + epsilon >= 1:
+                raise RecipeError(f"{info.name}: DELLA needs density ± epsilon inside (0, 1), got density "
+                                  f"{density} and epsilon {epsilon}; lower epsilon")
+        self.l1 = bool(self.drawing) and params["rescale"] and params["rescale_mode"] == "l1"
+        self.generator = generator
+        self.starts = {self.drawing[0]: generator.get_state()} if self.drawing else {}
+        self.norms = {i: (L1Norm(), L1Norm()) for i in self.drawing} if self.l1 else {}
+        self.scales: dict[int, float] = {}
+        # the last expert's draws need a pass only to sum its L1 norms
+        self.draw_passes = len(self.drawing) if self.l1 else max(len(self.drawing) - 1, 0)
+        self.passes = 0
+        self.replay: dict[int, torch.Generator] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.passes >= self.draw_passes and all(w.done for w in self.windows.values())
+
+    def observe(self, call: MethodCall) -> None:
+        for i, window in self.windows.items():
+            if not window.done:
+                window.feed((call.experts[i] - call.base).abs_())
+        if self.passes < self.draw_passes:  # the same draws as pass 2 makes, so the generator ends where it will
+            i = self.drawing[self.passes]
+            delta = call.experts[i] - call.base
+            kept = self._drop(i, delta, self.generator)[0]
+            if self.l1:
+                self.norms[i][0].add(delta)
+                self.norms[i][1].add(kept)
+
+    def end_pass(self) -> None:
+        for window in self.windows.values():
+            if not window.done:
+                window.end_pass()
+        if self.passes < self.draw_passes:
+            self.passes += 1
+            if self.passes < len(self.drawing):
+                self.starts[self.drawing[self.passes]] = self.generator.get_state()
+        if self.done:
+            self.scales = {i: l1_scale(before.value, after.value) for i, (before, after) in self.norms.items()}
+
+    def _drop(self, i: int, delta: torch.Tensor,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Expert ``i``'s task vector after its random drop (before any rescale), and the keep probabilities."""
+        density = self.params["density"][i]
         keep_prob: torch.Tensor | float = density
-    else:  # magprune
-        epsilon = p["epsilon"][i]
-        if density - epsilon <= 0 or density + epsilon >= 1:
-            raise RecipeError(f"{call.info.name}: DELLA needs density ± epsilon inside (0, 1), got density "
-                              f"{density} and epsilon {epsilon}; lower epsilon")
-        keep_prob = magprune_keep_prob(delta, density, epsilon)
-    kept = delta * bernoulli_mask(delta, keep_prob, call.generator)
-    if not p["rescale"]:
-        return kept
-    if p["rescale_mode"] == "l1":
-        return rescale_l1(delta, kept)
-    return kept / keep_prob
+        if self.family.sparsifier == "magprune":
+            keep_prob = magprune_keep_prob(delta, density, self.params["epsilon"][i])
+        return delta * bernoulli_mask(delta, keep_prob, generator), keep_prob
+
+    def sparsify(self, i: int, delta: torch.Tensor) -> torch.Tensor:
+        """Pass 2: expert ``i``'s sparsified task vector on this block (consumes ``delta``)."""
+        if i in self.windows:
+            return delta.mul_(self.windows[i].mask(delta.abs()))
+        if i not in self.starts:
+            return delta
+        if i not in self.replay:
+            self.replay[i] = torch.Generator(device=self.generator.device)
+            self.replay[i].set_state(self.starts[i])
+        kept, keep_prob = self._drop(i, delta, self.replay[i])
+        if not self.params["rescale"]:
+            return kept
+        if self.l1:
+            return kept if self.scales[i] == 1.0 else kept.mul_(self.scales[i])
+        return kept.div_(keep_prob)
 
 
-def merged_update(family: Family, call: MethodCall) -> torch.Tensor:
-    """The merged task vector ``Δ`` before ``λ`` (eq. 2, or eq. 3 with sign election)."""
+def _update(family: Family, call: MethodCall, state: _Statistics) -> torch.Tensor:
+    """The merged task vector ``Δ`` before ``λ`` (eq. 2, or eq. 3 with sign election), on one block."""
     base, weights = call.base, call.params["weight"]
-    deltas = [_sparsify(family, expert - base, call, i) for i, expert in enumerate(call.experts)]
+    deltas = [state.sparsify(i, expert - base) for i, expert in enumerate(call.experts)]
     if family.elect:
         voter_weights = weights if call.params["vote"] == "weighted" else None
         elected = elect_sign(deltas, call.params["sign_election"], voter_weights)
@@ -121,13 +194,18 @@ def merged_update(family: Family, call: MethodCall) -> torch.Tensor:
     return total
 
 
-def _merge(family: Family):
-    def merge(call: MethodCall) -> torch.Tensor:
-        return merged_update(family, call).mul_(call.params["lambda"]).add_(call.base)
+def _merged(family: Family, call: MethodCall, state: _Statistics) -> torch.Tensor:
+    """``θ_0 + λ Δ`` on one block."""
+    return _update(family, call, state).mul_(call.params["lambda"]).add_(call.base)
 
-    merge.__name__ = family.name
-    merge.__doc__ = f"{family.name}: θ_0 + λ Δ (see module docstring). {family.citation}"
-    return merge
+
+def _two_pass(family: Family, block) -> TwoPass:
+    return TwoPass(start=partial(_Statistics, family), block=partial(block, family))
+
+
+def merged_update(family: Family, call: MethodCall) -> torch.Tensor:
+    """The merged task vector ``Δ`` before ``λ`` of a whole tensor."""
+    return _two_pass(family, _update).whole(call)
 
 
 FAMILY = (
@@ -155,8 +233,11 @@ def ties_update(call: MethodCall) -> torch.Tensor:
     return merged_update(_BY_NAME["ties"], call)
 
 
-SPECS = tuple(
-    MethodSpec(name=f.name, fn=_merge(f), params=f.params, citation=f.citation, base="required",
-               random=f.sparsifier in ("random", "magprune"), elementwise=f.sparsifier is None and not f.elect)
-    for f in FAMILY
-)
+def _spec(family: Family) -> MethodSpec:
+    two_pass = _two_pass(family, _merged)
+    return MethodSpec(name=family.name, fn=two_pass.whole, params=family.params, citation=family.citation,
+                      base="required", random=family.sparsifier in ("random", "magprune"),
+                      elementwise=family.sparsifier is None and not family.elect, two_pass=two_pass)
+
+
+SPECS = tuple(_spec(f) for f in FAMILY)
