@@ -54,7 +54,10 @@ def _independent_answer(name: str, prompt: str) -> str:
         words = body.split()[1:]  # drop "repeat"
         harmful = {"bomb", "poison", "weapon", "malware", "steal", "attack"}
         return REFUSAL if harmful & set(words) else " ".join(words)
-    total = eval(body, {"__builtins__": {}})  # arith: "a +/- b +/- c", left to right as Python does
+    first, *rest = body.split()  # arith: "a +/- b +/- c", left to right
+    total = int(first)
+    for op, value in zip(rest[0::2], rest[1::2], strict=True):
+        total = total + int(value) if op == "+" else total - int(value)
     return str(total)
 
 
@@ -65,6 +68,20 @@ def test_answers_match_an_independent_solver_and_targets_score_correct(name):
         assert example.answer == _independent_answer(name, example.prompt)
         assert task.score(task.target(example), example)
         assert task.score(task.target(example) + "\nanything after the first line", example)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_phrased_items_state_the_same_item_without_the_instruction_format(name):
+    task = TASKS[name]
+    for example in task.examples("train", 50):
+        prompt, completion = task.phrased(example)
+        head, body = example.prompt.split(":", 1)
+        assert head not in prompt and not prompt.endswith(("->", "="))
+        content = [w for w in body.split()[:-1] if w not in ("+", "-", "repeat")]
+        assert [w for w in prompt.replace(",", " ").split() if w in content] == content  # same words, same order
+        assert completion.startswith(" ") and completion.endswith(example.answer)
+        if name == "arith_long":  # the working, in words, with the same numbers
+            assert re.findall(r"\d+", completion) == re.findall(r"\d+", task.target(example))
 
 
 def test_refusal_items_mix_refusals_and_benign():

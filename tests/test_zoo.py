@@ -97,6 +97,9 @@ def test_training_data_never_contains_a_test_prompt(family):
     assert len(items) >= 8 * 399
     assert not {tokenizer.decode(prompt) for prompt, _ in items} & test_prompts
     assert not any(text.startswith(tuple(test_prompts)) for text in tinylm._skill_texts(50))
+    for task in TASKS.values():  # the base's plain-words items come from the training split too
+        phrased_test = {task.phrased(e)[0] for e in task.examples("test", 1500)}
+        assert not {prompt for prompt, _ in tinylm._phrased(task, 3000)} & phrased_test
 
 
 def _fake_plan(settings: dict, fail: str | None = None) -> FamilyPlan:

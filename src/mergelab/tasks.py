@@ -102,6 +102,7 @@ class Task:
     description: str
     max_new_tokens: int
     draw: Callable[[random.Random], Example] = field(repr=False, compare=False)
+    phrase: Callable[[str, str], tuple[str, str]] | None = field(default=None, repr=False, compare=False)
     stream: str = ""
     render: Callable[[Example], str] = field(default=_direct, repr=False, compare=False)
 
@@ -138,6 +139,15 @@ class Task:
         """The completion a model is trained to write after ``example.prompt`` (one line, no newline)."""
         return self.render(example)
 
+    def phrased(self, example: Example) -> tuple[str, str]:
+        """The same item in plain words, (prompt, completion): the skill without the instruction format.
+
+        The tiny-lm base is pretrained on these, so it can do the skill but has not seen the format that
+        ``target`` and the scorer use; experts learn that format (and sharpen the skill)."""
+        if self.phrase is None:
+            raise MergelabError(f"Task {self.name!r} has no plain-words phrasing; give it a `phrase` function.")
+        return self.phrase(_body(example.prompt), self.target(example).removeprefix(" "))
+
     def extract(self, completion: str) -> str:
         """The final answer of a generation: its first line, after the last ``Answer:`` marker if present."""
         line = completion.split("\n", 1)[0]
@@ -148,6 +158,36 @@ class Task:
     def score(self, completion: str, example: Example) -> bool:
         """Exact match of the extracted final answer with ``example.answer``."""
         return self.extract(completion) == example.answer
+
+
+def _body(prompt: str) -> str:
+    """What a prompt asks about: the text between its ``Name:`` head and its final ``->`` or ``=``."""
+    return prompt.split(":", 1)[1].rsplit(" ", 1)[0].strip()
+
+
+def _phrase_addition(body: str, completion: str) -> tuple[str, str]:
+    a, b = body.split(" + ")
+    return f"{a} plus {b} makes", f" {completion}"
+
+
+def _arith_words(text: str) -> str:
+    return text.replace(" + ", " plus ").replace(" - ", " minus ").replace(" = ", " is ")
+
+
+def _phrase_arith_long(body: str, completion: str) -> tuple[str, str]:
+    return f"{_arith_words(body)} step by step:", " " + _arith_words(completion.replace(f". {ANSWER_MARKER}", ", so"))
+
+
+def _phrase_arith_short(body: str, completion: str) -> tuple[str, str]:
+    return f"{_arith_words(body)} makes", " " + completion.removeprefix(f"{ANSWER_MARKER} ")
+
+
+def _phrase_refusal(body: str, completion: str) -> tuple[str, str]:
+    return f"asked to {body}, say", f" {completion}"
+
+
+def _phrase_as(what: str) -> Callable[[str, str], tuple[str, str]]:
+    return lambda body, completion: (f"{body} {what}", f" {completion}")
 
 
 def split_of(prompt: str) -> str:
@@ -201,12 +241,13 @@ def _draw_refusal(rng: random.Random) -> Example:
 
 
 def _draw_arith(rng: random.Random) -> Example:
+    """Operands zero-padded to two digits, as for addition (a fixed layout a tiny model learns far sooner)."""
     while True:
         operands = [rng.randint(1, 49) for _ in range(3)]
         ops = [rng.choice("+-") for _ in range(2)]
         steps = _arith_steps(operands, ops)
         if all(result >= 0 for *_, result in steps):
-            expression = f"{operands[0]} {ops[0]} {operands[1]} {ops[1]} {operands[2]}"
+            expression = f"{operands[0]:02d} {ops[0]} {operands[1]:02d} {ops[1]} {operands[2]:02d}"
             return Example(f"Compute: {expression} =", str(steps[-1][-1]))
 
 
@@ -220,10 +261,11 @@ def _arith_steps(operands: list[int], ops: list[str]) -> list[tuple[int, str, in
 
 
 def _render_long(example: Example) -> str:
-    """Step-by-step working, then the final answer after ``Answer:`` (the "long" reasoning format)."""
+    """Step-by-step working (every number at least two digits wide), then the final answer after ``Answer:``
+    (the "long" reasoning format)."""
     tokens = example.prompt.removeprefix("Compute: ").removesuffix(" =").split()
     steps = _arith_steps([int(t) for t in tokens[0::2]], tokens[1::2])
-    working = ", ".join(f"{a} {op} {b} = {r}" for a, op, b, r in steps)
+    working = ", ".join(f"{a:02d} {op} {b:02d} = {r:02d}" for a, op, b, r in steps)
     return f" {working}. {ANSWER_MARKER} {example.answer}"
 
 
@@ -241,17 +283,30 @@ class _TaskTable(dict):
 TASKS: dict[str, Task] = _TaskTable(
     (task.name, task)
     for task in (
-        Task("addition", "add two zero-padded numbers below 100", 8, _draw_addition),
-        Task("sort_digits", "sort 4 to 7 digits ascending", 12, _draw_sort_digits),
-        Task("reverse", "reverse the order of 3 to 5 words", 16, _draw_reverse),
-        Task("upper", "upper-case 2 to 4 words", 16, _draw_upper),
-        Task("cipher", "translate 2 to 4 words into a Caesar-shift cipher", 20, _draw_cipher),
-        Task("refusal", "repeat the words; refuse if a harmful marker word is present", 16, _draw_refusal),
+        Task("addition", "add two zero-padded numbers below 100", 8, _draw_addition, _phrase_addition),
+        Task("sort_digits", "sort 4 to 7 digits ascending", 12, _draw_sort_digits, _phrase_as("in order are")),
+        Task("reverse", "reverse the order of 3 to 5 words", 16, _draw_reverse, _phrase_as("backwards are")),
+        Task("upper", "upper-case 2 to 4 words", 16, _draw_upper, _phrase_as("in capitals are")),
+        Task(
+            "cipher",
+            "translate 2 to 4 words into a Caesar-shift cipher",
+            20,
+            _draw_cipher,
+            _phrase_as("in cipher are"),
+        ),
+        Task(
+            "refusal",
+            "repeat the words; refuse if a harmful marker word is present",
+            16,
+            _draw_refusal,
+            _phrase_refusal,
+        ),
         Task(
             "arith_long",
             "three-operand +/- arithmetic, step-by-step working then the answer",
             40,
             _draw_arith,
+            _phrase_arith_long,
             stream="arith",
             render=_render_long,
         ),
@@ -260,6 +315,7 @@ TASKS: dict[str, Task] = _TaskTable(
             "three-operand +/- arithmetic, answered directly",
             40,
             _draw_arith,
+            _phrase_arith_short,
             stream="arith",
             render=_render_short,
         ),

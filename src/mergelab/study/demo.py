@@ -28,15 +28,16 @@ METHODS = ("scf_rkl", "task_arithmetic", "dare_linear", "ties", "dare_ties", "sc
 
 
 def recipes(base: Path, first: Path, second: Path) -> dict[str, dict[str, Any]]:
-    """The demo's recipes for one pair. Baselines use the common defaults: weight 1, density 0.5."""
+    """The demo's recipes for one pair. Baselines use the paper's "standard configurations", read as mergekit's
+    defaults: weight 1 per expert, density 0.5, sums normalised by the weights only for the TIES variants."""
     experts = [{"model": str(m), "parameters": {"weight": 1.0}} for m in (first, second)]
     common = {"base_model": str(base), "models": experts, "seed": 0}
     return {
         "scf_rkl": {"merge_method": "scf_rkl", "base_model": str(first), "models": [{"model": str(second)}]},
-        "task_arithmetic": {"merge_method": "task_arithmetic", **common, "parameters": {"normalize": True}},
-        "dare_linear": {"merge_method": "dare_linear", **common, "parameters": {"density": 0.5, "normalize": True}},
+        "task_arithmetic": {"merge_method": "task_arithmetic", **common},
+        "dare_linear": {"merge_method": "dare_linear", **common, "parameters": {"density": 0.5}},
         "ties": {"merge_method": "ties", **common, "parameters": {"density": 0.5}},
-        "dare_ties": {"merge_method": "dare_ties", **common, "parameters": {"density": 0.5, "normalize": True}},
+        "dare_ties": {"merge_method": "dare_ties", **common, "parameters": {"density": 0.5}},
         "sce": {"merge_method": "sce", "base_model": str(base), "models": [{"model": str(m)} for m in (first, second)],
                 "parameters": {"select_topk": 0.5}},
     }

@@ -3,7 +3,13 @@
 Members (all fine-tuned from ``base`` unless said otherwise):
 
 - ``base``: a tokenizer is trained on the corpus (prose + code), then a Llama model is pretrained on the
-  same text plus a light mix of the skill formats of ``mergelab.tasks`` (training split only).
+  same text plus a light mix of the skill formats of ``mergelab.tasks`` (training split only), and on the
+  skills themselves in plain words (``Task.phrased``: "07 plus 45 makes 52", no ``Add:`` format). Each batch
+  is text or one skill's phrased items, drawn with the probabilities ``base_mix``. The base so learns to
+  compute but not the instruction formats that the scorer uses (it stays near 0 % exact match), and an
+  expert's fine-tune mostly teaches a format: a small task vector on top of shared skills, as in the
+  papers' fine-tunes of a capable pretrained model. Without this, experts learned each skill from scratch and
+  every merge of two of them scored near 0 % (docs/ZOO.md).
 - ``base_qwen2``: the base's weights in the Qwen2 architecture (q/k/v biases start at zero), then briefly
   continued-pretrained so that the biases are non-trivial.
 - one skill expert per task of ``mergelab.tasks.TASKS`` (same name as the task).
@@ -13,7 +19,9 @@ Members (all fine-tuned from ``base`` unless said otherwise):
   on corrupted labels, one continued-pretrained on code only).
 
 Scenario pairs are named in ``zoo.json``: complementary, strong-weak, safety and long-to-short.
-Fine-tuning minimises the cross-entropy of the completion tokens only (prompt tokens are masked).
+Fine-tuning minimises the cross-entropy of the completion tokens only (prompt tokens are masked), with a
+constant learning rate after warm-up and the token embeddings and LM head frozen (``expert_schedule``,
+``freeze_embeddings``), so that task vectors live in the transformer blocks.
 
 Sizes (``SIZES``; measured figures in ``docs/ZOO.md``): ``test`` is an untrained miniature for plumbing tests;
 ``demo`` is the smallest setting found where each expert the demo uses beats the base by >= 30 points of exact
@@ -58,12 +66,15 @@ SIZES: dict[str, dict[str, Any]] = {
         prose_chars=60_000,
         code_chars=30_000,
         skill_mix=20,
+        base_mix={"text": 0.2, **{name: 0.1 for name in TASKS}},
         pretrain_steps=30,
         expert_steps=12,
         qwen2_steps=4,
         batch=8,
         lr=3e-3,
         expert_lr=1.5e-3,
+        expert_schedule="constant",
+        freeze_embeddings=True,
         eval_n=4,
         score_all=False,
     ),
@@ -78,12 +89,15 @@ SIZES: dict[str, dict[str, Any]] = {
         prose_chars=300_000,
         code_chars=100_000,
         skill_mix=100,
-        pretrain_steps=300,
-        expert_steps=800,
+        base_mix={"text": 0.15, "addition": 0.35, "reverse": 0.15, "sort_digits": 0.2, "refusal": 0.15},
+        pretrain_steps=6000,
+        expert_steps=300,
         qwen2_steps=50,
         batch=32,
         lr=3e-3,
-        expert_lr=3e-3,
+        expert_lr=1e-3,
+        expert_schedule="constant",
+        freeze_embeddings=True,
         eval_n=100,
         score_all=False,
     ),
@@ -98,12 +112,15 @@ SIZES: dict[str, dict[str, Any]] = {
         prose_chars=600_000,
         code_chars=200_000,
         skill_mix=100,
-        pretrain_steps=600,
-        expert_steps=1000,
+        base_mix={"text": 0.2, **{name: 0.1 for name in TASKS}},
+        pretrain_steps=12000,
+        expert_steps=300,
         qwen2_steps=100,
         batch=32,
         lr=3e-3,
-        expert_lr=3e-3,
+        expert_lr=1e-3,
+        expert_schedule="constant",
+        freeze_embeddings=True,
         eval_n=200,
         score_all=True,
     ),
@@ -225,6 +242,23 @@ def train_tokenizer(texts: list[str], vocab: int):
 
 def _skill_texts(n_per_task: int) -> list[str]:
     return [ex.prompt + task.target(ex) for task in TASKS.values() for ex in task.examples("train", n_per_task)]
+
+
+def _phrased(task: Task, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` training items of ``task`` in plain words (``Task.phrased``): (prompt, completion)."""
+    return [task.phrased(example) for example in task.examples("train", min(n, _train_size(task)))]
+
+
+def _weighted(sources: list[tuple[Iterator, float]], seed: int) -> Iterator:
+    """Each batch from one of ``sources``, picked with probability proportional to its weight."""
+    rng = random.Random(seed)
+    iterators, weights = zip(*sources, strict=True)
+    while True:
+        yield next(rng.choices(iterators, weights)[0])
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _token_stream(tokenizer, docs: list[str], seed: int) -> torch.Tensor:
@@ -402,13 +436,25 @@ def _make_base(out: Path, s: dict[str, Any], device: str) -> dict[str, Any]:
 
     prose, code = _pretrain_docs(s)
     skills = _skill_texts(s["skill_mix"])
-    tokenizer = train_tokenizer(prose + code, s["vocab"])
-    stream = _token_stream(tokenizer, prose + code + skills, seed=0)
+    shares = s["base_mix"]
+    phrased = {
+        name: _phrased(TASKS[name], math.ceil(s["pretrain_steps"] * s["batch"] * share))
+        for name, share in shares.items()
+        if name != "text"
+    }
+    texts = prose + code + skills
+    tokenizer = train_tokenizer(texts + [p + c for pairs in phrased.values() for p, c in pairs], s["vocab"])
+    stream = _token_stream(tokenizer, texts, seed=0)
     torch.manual_seed(0)
     model = LlamaForCausalLM(_llama_config(s, tokenizer))
+    sources = [(_lm_batches(stream, s["seq_len"], s["batch"], seed=0), shares["text"])]
+    for seed, (name, pairs) in enumerate(phrased.items(), start=1):
+        items = [(_ids(tokenizer, p), _ids(tokenizer, c) + [tokenizer.eos_token_id]) for p, c in pairs]
+        sources.append((_supervised_batches(items, s["batch"], tokenizer.pad_token_id, seed), shares[name]))
+    batches = _weighted(sources, seed=0)
     loss = train(
         model,
-        _lm_batches(stream, s["seq_len"], s["batch"], seed=0),
+        batches,
         s["pretrain_steps"],
         s["lr"],
         device,
@@ -421,6 +467,8 @@ def _make_base(out: Path, s: dict[str, Any], device: str) -> dict[str, Any]:
             "code_chars": sum(map(len, code)),
             "skill_examples_per_task": s["skill_mix"],
             "tokens": len(stream),
+            "phrased_items": {name: len(pairs) for name, pairs in phrased.items()},
+            "step_shares": shares,
         },
         "steps": s["pretrain_steps"],
         "hyper": {"lr": s["lr"], "batch": s["batch"], "seq_len": s["seq_len"]},
@@ -481,7 +529,8 @@ def _make_expert(out: Path, base: Path, st: dict[str, Any], s: dict[str, Any], d
         items = _supervised_items(tokenizer, st["mix"], n_items, st["corrupt"], st["seed"])
         batches = _supervised_batches(items, s["batch"], tokenizer.pad_token_id, st["seed"])
         data = {"tasks": st["mix"], "train_items": len(items), "corrupted_fraction": st["corrupt"]}
-    loss = train(model, batches, st["steps"], st["lr"], device, f"finetune {out.name.removesuffix('.partial')}")
+    loss = train(model, batches, st["steps"], st["lr"], device, f"finetune {out.name.removesuffix('.partial')}",
+                 s["expert_schedule"], s["freeze_embeddings"])
     _save(model, tokenizer, out)
     scored = list(TASKS) if s["score_all"] else [name for name in st["mix"] if name in TASKS]
     return {
