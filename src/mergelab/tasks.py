@@ -241,13 +241,14 @@ def _draw_refusal(rng: random.Random) -> Example:
 
 
 def _draw_arith(rng: random.Random) -> Example:
-    """Operands zero-padded to two digits, as for addition (a fixed layout a tiny model learns far sooner)."""
+    """A two-digit number, then two one-digit steps (a layout a small model can learn: each step is a
+    two-digit +/- one-digit, like one column of carries); no intermediate result is negative."""
     while True:
-        operands = [rng.randint(1, 49) for _ in range(3)]
+        operands = [rng.randint(10, 49), rng.randint(1, 9), rng.randint(1, 9)]
         ops = [rng.choice("+-") for _ in range(2)]
         steps = _arith_steps(operands, ops)
         if all(result >= 0 for *_, result in steps):
-            expression = f"{operands[0]:02d} {ops[0]} {operands[1]:02d} {ops[1]} {operands[2]:02d}"
+            expression = f"{operands[0]} {ops[0]} {operands[1]} {ops[1]} {operands[2]}"
             return Example(f"Compute: {expression} =", str(steps[-1][-1]))
 
 
@@ -261,11 +262,10 @@ def _arith_steps(operands: list[int], ops: list[str]) -> list[tuple[int, str, in
 
 
 def _render_long(example: Example) -> str:
-    """Step-by-step working (every number at least two digits wide), then the final answer after ``Answer:``
-    (the "long" reasoning format)."""
+    """Step-by-step working, then the final answer after ``Answer:`` (the "long" reasoning format)."""
     tokens = example.prompt.removeprefix("Compute: ").removesuffix(" =").split()
     steps = _arith_steps([int(t) for t in tokens[0::2]], tokens[1::2])
-    working = ", ".join(f"{a:02d} {op} {b:02d} = {r:02d}" for a, op, b, r in steps)
+    working = ", ".join(f"{a} {op} {b} = {r}" for a, op, b, r in steps)
     return f" {working}. {ANSWER_MARKER} {example.answer}"
 
 

@@ -112,7 +112,8 @@ SIZES: dict[str, dict[str, Any]] = {
         prose_chars=600_000,
         code_chars=200_000,
         skill_mix=100,
-        base_mix={"text": 0.2, **{name: 0.1 for name in TASKS}},
+        base_mix={"text": 0.2, "addition": 0.1, "sort_digits": 0.08, "reverse": 0.08, "upper": 0.08, "cipher": 0.08,
+                  "refusal": 0.06, "arith_long": 0.16, "arith_short": 0.16},
         pretrain_steps=12000,
         expert_steps=300,
         qwen2_steps=100,
@@ -305,7 +306,8 @@ def _supervised_items(tokenizer, mix: dict[str, float], n: int, corrupt: float, 
 
 
 def _train_size(task: Task) -> int:
-    return 6_000 if task.name == "addition" else 20_000  # addition has 8,000 training items in all
+    # addition has 8,000 training items in all, the arithmetic stream about 8,900
+    return {"addition": 6_000, "arith_long": 8_000, "arith_short": 8_000}.get(task.name, 20_000)
 
 
 def _supervised_batches(items: list[tuple], batch: int, pad_id: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
