@@ -247,6 +247,8 @@ def test_multislerp_special_cases(rng):
     np.testing.assert_allclose(run("multislerp", None, [a, -a])[0], np.zeros(8), atol=1e-12)
     with pytest.raises(RecipeError, match="cancel out"):
         run("multislerp", None, [a, -a, a, -a])
+    # Three experts equal to the base on this tensor (frozen embeddings): nothing moved, so the base.
+    np.testing.assert_array_equal(run("multislerp", a, [a.copy(), a.copy(), a.copy()])[0], a)
     with pytest.raises(RecipeError, match="sum to zero"):
         run("multislerp", None, [a, 2 * a], weight=[1.0, -1.0])
 

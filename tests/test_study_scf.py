@@ -332,7 +332,9 @@ def test_widen_and_with_params_keep_the_demo_recipe_choices(tmp_path):
     pair = recipes(base, a, b)
     ta = scf.widen(pair["task_arithmetic"], base, [a, b, c])
     assert ta["models"] == [{"model": str(m), "parameters": {"weight": 1.0}} for m in (a, b, c)]
-    assert ta["parameters"] == pair["task_arithmetic"]["parameters"] and ta["base_model"] == str(base)
+    assert "parameters" not in ta and ta["base_model"] == str(base)
+    ties = scf.widen(pair["ties"], base, [a, b, c])
+    assert ties["parameters"] == pair["ties"]["parameters"] == {"density": 0.5} and ties["merge_method"] == "ties"
     fused = scf.widen(pair["scf_rkl"], base, [a, b, c])  # SCF-RKL's pair base (the first model) becomes the base
     assert fused["base_model"] == str(base) and [m["model"] for m in fused["models"]] == [str(a), str(b), str(c)]
     mean_rule = scf.with_params(fused, multi_expert="mean")

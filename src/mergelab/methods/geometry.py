@@ -194,7 +194,8 @@ def multislerp(call: MethodCall) -> torch.Tensor:
     (``Σ w_i (u_i − ⟨u_i, m⟩ m) = M − ‖M‖ m = 0``), so the result is exactly ``m`` scaled by the weighted mean
     norm ``Σ w_i ‖x_i‖``, which is what is computed here. With a base the ``x_i`` are task vectors and the
     base is added back. Two models whose weighted directions cancel fall back to ``Σ w_i x_i``; more than two
-    raise RecipeError.
+    raise RecipeError. When every task vector is zero (experts equal to the base on this tensor, for example
+    frozen embeddings) the result is the base.
     """
     p = call.params
     base = call.base
@@ -209,8 +210,8 @@ def multislerp(call: MethodCall) -> torch.Tensor:
     units = vectors / (norms + p["eps"])[:, None]
     mean = weights @ units
     mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm < p["eps"]:
-        if len(call.experts) != 2:
+    if mean_norm < p["eps"]:  # antipodal directions, or nothing moved (every task vector is zero)
+        if len(call.experts) != 2 and bool((norms > 0).any()):
             raise RecipeError(f"{call.info.name}: the weighted directions of the models cancel out "
                               "(antipodal tensors with balancing weights), so multislerp has no mean; "
                               "change the weights")
