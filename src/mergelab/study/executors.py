@@ -72,13 +72,13 @@ def _run_ray(pending: dict[str, Job], store: Path, workers: int, address: str | 
     ray = connect_ray(address, workers)
     task = ray.remote(num_cpus=1, num_gpus=1 if device.startswith("cuda") else 0)(run_job)
     refs = {task.remote(job, key, str(store), device): key for key, job in pending.items()}
+    remaining = list(refs)
     try:
-        remaining = list(refs)
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=1)
             yield refs[ready[0]], ray.get(ready[0])
     finally:
-        for ref in refs:
+        for ref in remaining:  # only unfinished tasks: cancelling finished ones trips a check in Ray 2.60
             ray.cancel(ref)
         if address is None:
             ray.shutdown()
