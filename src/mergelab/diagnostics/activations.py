@@ -21,7 +21,7 @@ Models are loaded one at a time; only the probe logits of the merged model are k
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,18 +127,20 @@ def check_same_architecture(folders: Sequence[str | Path]) -> None:
 @torch.no_grad()
 def nl_scores(
     base_model,
-    deltas: dict[str, torch.Tensor],
+    layer_deltas: Callable[[int], dict[str, torch.Tensor]],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     layers: Sequence[int],
     alpha: float = 0.5,
 ) -> dict[str, float]:
-    """NL score (paper 004, eq. 19) per layer of the task vector ``deltas`` (name -> tensor) on the base."""
+    """NL score (paper 004, eq. 19) per layer of a task vector on the base; ``layer_deltas(l)`` gives the task
+    vector's tensors of layer ``l`` (name -> tensor), so only one layer's delta is held at a time."""
     params = dict(base_model.named_parameters())
     f0, _ = run_probes(base_model, input_ids, attention_mask)
     scores = {}
     for layer in layers:
-        names = [n for n in deltas if layer_index(n) == layer and n in params]
+        deltas = layer_deltas(layer)
+        names = [n for n in deltas if n in params]
         original = {n: params[n].detach().clone() for n in names}
         outputs = []
         for scale in (1.0, alpha):
@@ -219,12 +221,12 @@ def activation_diagnostics(
             [(k, v) for k, v in folders.items() if k != "base"], desc="NL score", disable=not progress
         ):
             reader = open_model(folder)
-            deltas = {
-                n: reader.get(n).double() - base_reader.get(n).double()
-                for n in base_reader.names
-                if layer_index(n) in layers
-            }
-            nl[label] = nl_scores(base_model, deltas, input_ids, attention_mask, layers, alpha)
+
+            def layer_deltas(layer: int, reader=reader) -> dict[str, torch.Tensor]:
+                return {n: reader.get(n).double() - base_reader.get(n).double() for n in base_reader.names
+                        if layer_index(n) == layer}
+
+            nl[label] = nl_scores(base_model, layer_deltas, input_ids, attention_mask, layers, alpha)
     return {
         "probes": {
             "kind": "prompts" if prompts else "random",
