@@ -107,15 +107,6 @@ def quantiles(x: torch.Tensor, qs: Sequence[float], interpolation: str = "linear
     return [values[lo] if gamma == 0.0 else _lerp(values[lo], values[hi], gamma) for lo, hi, gamma in plans]
 
 
-def order_statistic(x: torch.Tensor, rank: int) -> float:
-    """``sorted(x.ravel())[rank]`` (0-based), exactly, by the same selection as ``quantiles`` (no sort, no copy
-    of ``x``); NaN if ``x`` holds a NaN."""
-    if not 0 <= rank < x.numel():
-        raise ValueError(f"rank {rank} is outside a tensor of {x.numel()} elements")
-    values = _order_statistics(x.reshape(-1), [rank], None, 1 << 22)
-    return math.nan if values is None else values[rank]
-
-
 def _plan(n: int, q: float, interpolation: str) -> tuple[int, int, float]:
     """(lower rank, upper rank, weight of the upper one) for quantile ``q`` of ``n`` values, as numpy has it:
     virtual index ``(n − 1) q``, floor / ceil / round-half-to-even / midpoint of the two for the others."""

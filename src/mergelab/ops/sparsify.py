@@ -216,11 +216,6 @@ def outlier_window(numel: int, density: float, gamma: float) -> RankWindow:
     return RankWindow(numel, n_small, n_small + kept, descending=False)
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Boolean mask of ``outlier_window`` on a whole tensor."""
-    return outlier_window(delta.numel(), density, gamma).whole(delta.abs())
-
-
 def bernoulli_mask(delta: torch.Tensor, keep_prob: torch.Tensor | float, generator: torch.Generator) -> torch.Tensor:
     """Random mask keeping each entry independently with probability ``keep_prob`` (DARE, Yu et al. 2024)."""
     probs = torch.as_tensor(keep_prob, dtype=delta.dtype, device=delta.device).expand(delta.shape)
