@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergelab-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--mergelab-args", default="", help="extra flags for mergelab merge")
+    parser.add_argument("--compute-threads", type=int, nargs="+", default=None,
+                        help="run mergelab once per value of --compute-threads, side by side (default: once)")
     parser.add_argument("--write", nargs=4, metavar=("FOLDER", "SHAPE", "SEED", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
@@ -173,15 +175,18 @@ def main() -> None:
             out = root / f"out-mergelab-{method}"
             for leftover in (out, out.with_name(out.name + ".partial")):  # a killed earlier run
                 shutil.rmtree(leftover, ignore_errors=True)
-            results["mergelab"] = run_measured([str(bin_dir / "mergelab"), "merge", str(recipe_path), str(out),
-                                                *args.mergelab_args.split()], env)
+            for threads in args.compute_threads or [None]:
+                flags = args.mergelab_args.split() + ([] if threads is None else ["--compute-threads", str(threads)])
+                label = "mergelab" if threads is None else f"mergelab threads={threads}"
+                results[label] = run_measured([str(bin_dir / "mergelab"), "merge", str(recipe_path), str(out),
+                                               *flags], env)
+                shutil.rmtree(out, ignore_errors=True)
             if not args.no_mergekit and method not in NOT_IN_MERGEKIT:
                 mk_out = root / f"out-mergekit-{method}"
                 shutil.rmtree(mk_out, ignore_errors=True)
                 results["mergekit"] = run_measured([str(bin_dir / "mergekit-yaml"), str(recipe_path), str(mk_out),
                                                     "--no-copy-tokenizer"], env)
                 shutil.rmtree(mk_out, ignore_errors=True)
-            shutil.rmtree(out, ignore_errors=True)
             print(format_row(f"{shape} N={len(used) - (0 if method in NO_BASE_METHODS else 1)}", method, results),
                   flush=True)
 
@@ -192,7 +197,8 @@ def format_row(shape: str, method: str, results: dict[str, tuple[float, float, f
     for name, (wall, rss, cpu) in results.items():
         cells.append(f"{name}: {wall:.2f} s ({wall / floor_wall:.2f}x floor), cpu {cpu:.1f} s, peak RSS {rss:.2f} GiB")
     if "mergekit" in results:
-        cells.append(f"mergekit/mergelab wall: {results['mergekit'][0] / results['mergelab'][0]:.2f}x")
+        fastest = min(wall for name, (wall, _, _) in results.items() if name.startswith("mergelab"))
+        cells.append(f"mergekit/mergelab wall: {results['mergekit'][0] / fastest:.2f}x")
     return " | ".join(cells)
 
 

@@ -27,13 +27,21 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (e.g. 5G, 500M, 1000000)") from None
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
+
+
 def _merge_options(args: argparse.Namespace):
     from mergelab.engine import MergeOptions
 
     return MergeOptions(device=args.device, float64=args.float64, shard_size=args.shard_size,
                         overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
                         allow_mixed=args.allow_mixed, strict=args.strict, seed=args.seed,
-                        read_ahead=args.read_ahead)
+                        read_ahead=args.read_ahead,
+                        **({} if args.compute_threads is None else {"compute_threads": args.compute_threads}))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -104,6 +112,8 @@ def register_merge(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from OUT_DIR.partial")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe's)")
     p.add_argument("--read-ahead", type=int, default=2, help="output tensors whose inputs are read in advance")
+    p.add_argument("--compute-threads", type=_positive, default=None,
+                   help="CPU: tensor pieces computed side by side (default: the cores, at most 4)")
     add_merge_flags(p)
     p.set_defaults(func=cmd_merge)
 
