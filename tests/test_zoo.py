@@ -217,3 +217,24 @@ def test_importing_the_zoo_and_its_cli_loads_neither_torch_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_zoo_show_table_has_scores_and_held_out_perplexities():
+    from mergelab.zoo.cli import markdown
+
+    def member(parent, scores=None, perplexity=None):
+        return {"parent": parent, "steps": 3, "build_seconds": 1.4, "scores": scores or {},
+                **({"perplexity": perplexity} if perplexity else {})}
+
+    record = {"family": "f", "size": "full", "complete": True, "disk_bytes": 2e6, "build_seconds_total": 90,
+              "members": {
+                  "base": member(None),
+                  "math": member("base", {"gsm8k": {"accuracy": 0.25, "base_accuracy": 0.02}}),
+                  "code": member("base", perplexity={"heldout_code": {"perplexity": 7.126, "base_perplexity": 7.8}}),
+              }}
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown(record).splitlines()
+            if line.startswith("| ")]
+    assert rows[0] == ["member", "parent", "steps", "build s", "gsm8k", "heldout_code perplexity"]
+    assert rows[1] == ["base", "-", "3", "1", "", ""]
+    assert rows[2] == ["math", "base", "3", "1", "25.0 (2.0)", ""]
+    assert rows[3] == ["code", "base", "3", "1", "", "7.13 (7.80)"]

@@ -87,9 +87,11 @@ def _show(args: argparse.Namespace) -> int:
 
 def markdown(record: dict) -> str:
     """A family record as a markdown table: member, parent, steps, build seconds, then one column per scored
-    task (exact match or accuracy in %, the base's score with the same head in brackets where recorded)."""
+    task (exact match or accuracy in %, the base's score with the same head in brackets where recorded) and one
+    per held-out perplexity (the base's in brackets)."""
     tasks = list(dict.fromkeys(t for m in record["members"].values() for t in m["scores"]))
-    header = ["member", "parent", "steps", "build s", *tasks]
+    texts = list(dict.fromkeys(t for m in record["members"].values() for t in m.get("perplexity", {})))
+    header = ["member", "parent", "steps", "build s", *tasks, *(f"{t} perplexity" for t in texts)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, member in record["members"].items():
         cells = [name, member["parent"] or "-", str(member["steps"]), f"{member['build_seconds']:.0f}"]
@@ -99,6 +101,9 @@ def markdown(record: dict) -> str:
             if score and "base_accuracy" in score:
                 cell += f" ({100 * score['base_accuracy']:.1f})"
             cells.append(cell)
+        for text in texts:
+            ppl = member.get("perplexity", {}).get(text)
+            cells.append("" if ppl is None else f"{ppl['perplexity']:.2f} ({ppl['base_perplexity']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     total = record["build_seconds_total"]
     lines.append("")
