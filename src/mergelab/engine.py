@@ -4,9 +4,9 @@ Reading, computing and writing overlap: a small thread pool reads the inputs of 
 (``pread``, checked for NaN/Inf), the calling thread and the compute lanes run the method, and a writer thread
 appends results to the current shard. Only the pieces in flight are in memory, so peak memory is bounded by
 about ``read_ahead + compute_threads + 1`` pieces whatever the model size. A piece is a whole tensor, or a row
-block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass`` methods (a
-per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once per
-statistics pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds
+block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass``
+methods (a per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once
+per statistics pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds
 compute a piece in cache-sized tiles (``tile_elements``) on one torch thread; up to ``compute_threads`` pieces
 that carry no cross-piece state are computed side by side in a thread pool, and their results reach the writer
 in plan order, so the output does not depend on the thread count. The output statistics (fractions equal to
