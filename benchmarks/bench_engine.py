@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--mergelab-args", default="", help="extra flags for mergelab merge")
     parser.add_argument("--compute-threads", type=int, nargs="+", default=None,
                         help="run mergelab once per value of --compute-threads, side by side (default: once)")
+    parser.add_argument("--compare-src", type=Path, nargs="*", default=[],
+                        help="also run mergelab from these source trees (a 'src' folder of another commit), "
+                             "side by side, for before/after ratios measured in one run")
     parser.add_argument("--write", nargs=4, metavar=("FOLDER", "SHAPE", "SEED", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
@@ -175,12 +178,16 @@ def main() -> None:
             out = root / f"out-mergelab-{method}"
             for leftover in (out, out.with_name(out.name + ".partial")):  # a killed earlier run
                 shutil.rmtree(leftover, ignore_errors=True)
-            for threads in args.compute_threads or [None]:
-                flags = args.mergelab_args.split() + ([] if threads is None else ["--compute-threads", str(threads)])
-                label = "mergelab" if threads is None else f"mergelab threads={threads}"
-                results[label] = run_measured([str(bin_dir / "mergelab"), "merge", str(recipe_path), str(out),
-                                               *flags], env)
-                shutil.rmtree(out, ignore_errors=True)
+            for src in [None, *args.compare_src]:
+                run_env = env if src is None else dict(env, PYTHONPATH=str(src.resolve()))
+                for threads in args.compute_threads or [None]:
+                    flags = args.mergelab_args.split()
+                    flags += [] if threads is None else ["--compute-threads", str(threads)]
+                    label = "mergelab" + ("" if src is None else f" src={src}") + \
+                        ("" if threads is None else f" threads={threads}")
+                    results[label] = run_measured([sys.executable, "-m", "mergelab.cli", "merge", str(recipe_path),
+                                                   str(out), *flags], run_env)
+                    shutil.rmtree(out, ignore_errors=True)
             if not args.no_mergekit and method not in NOT_IN_MERGEKIT:
                 mk_out = root / f"out-mergekit-{method}"
                 shutil.rmtree(mk_out, ignore_errors=True)

@@ -278,6 +278,28 @@ def test_tiles_give_the_same_bytes_and_exact_statistics(family, tmp_path, dtype)
                 assert stats[name]["equal_to"][model] == pytest.approx(expected, abs=1e-12), (method, name, model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_signed_zeros_count_as_equal_values(tmp_path, dtype):
+    # Equality is counted on bit patterns where input and output share a dtype; +0 and -0 differ there but are
+    # the same number. A base holding -0 merged with weight-0 experts gives +0 (-0 + 0): unchanged from the base.
+    base, experts = make_family(tmp_path, 2, layers=1, dtype=dtype)
+    tensors = load_file(base / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name][::2] = -0.0
+    tensors[name][1, :5] = 0.0
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    r = {**recipe(base, experts, "task_arithmetic"), "dtype": str(dtype).removeprefix("torch.")}
+    for model in r["models"]:
+        model["parameters"]["weight"] = 0.0
+    out = merge(r, tmp_path / "out", tile_elements=40)
+    merged, stats = load_folder(out)[name], json.loads((out / "mergelab.json").read_text())["tensors"][name]
+    assert torch.equal(merged, tensors[name]) and (torch.signbit(merged) != torch.signbit(tensors[name])).any()
+    assert stats["equal_to"][str(base)] == 1.0 and stats["changed_from_base"] == 0.0
+    for expert in experts:
+        expected = (merged == load_folder(expert)[name]).double().mean().item()
+        assert stats["equal_to"][str(expert)] == pytest.approx(expected, abs=1e-12)
+
+
 def test_float32_inputs_merged_to_bfloat16_count_equality_in_bfloat16(tmp_path):
     base, experts = make_family(tmp_path, 2, layers=1)  # float32 checkpoints
     r = recipe(base, experts, "ties", density=0.2)  # bf16 output: an input equals it if it rounds to it

@@ -177,6 +177,10 @@ def test_interrupted_merge_resumes_to_identical_output(family, tmp_path, monkeyp
     monkeypatch.setattr(engine, "_compute", real_compute)
     with pytest.raises(Exception, match="--resume"):
         merge(recipe, tmp_path / "out", shard_size=20_000)
+    damaged = partial / sorted(done)[0]  # a finished shard damaged while the merge was stopped is redone
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
     merge(recipe, tmp_path / "out", shard_size=20_000, resume=True)
     assert not partial.exists()
     for f in reference.glob("*.safetensors"):
@@ -282,6 +286,47 @@ def test_truncated_safetensors(fresh, tmp_path, capsys):
     f.write_bytes(data[: len(data) - 100])
     run_bad(tmp_path, recipe_for(base, [expert]))
     assert "truncated" in capsys.readouterr().err
+
+
+def test_reads_are_private_maps_released_with_their_tensors(fresh):
+    """A tensor read from a model is a copy-on-write map of the file: writing to it leaves the file as it was,
+    and freeing it unmaps it (the resident set holds only tensors in use)."""
+    import gc
+
+    from mergelab.checkpoint.reader import open_model
+
+    _, expert = fresh
+    f = expert / "model.safetensors"
+    before, expected = f.read_bytes(), load_file(f)
+    reader = open_model(expert)
+    name = "model.layers.1.mlp.up_proj.weight"
+    rows = reader.get(name, (3, 7))
+    assert torch.equal(rows, expected[name][3:7])
+    rows.add_(1.0)
+    assert f.read_bytes() == before and torch.equal(reader.get(name), expected[name])
+
+    def mapped() -> int:
+        return Path("/proc/self/maps").read_text().count(str(f.resolve()))
+
+    held = mapped()
+    del rows
+    gc.collect()
+    assert mapped() == held - 1
+    reader.close()
+
+
+def test_file_shrunk_after_opening(fresh):
+    from mergelab.checkpoint.reader import open_model
+    from mergelab.errors import CheckpointError
+
+    _, expert = fresh
+    f = expert / "model.safetensors"
+    reader = open_model(expert)
+    f.write_bytes(f.read_bytes()[:-64])
+    last = max(reader.names, key=lambda n: reader.entries[n].offset)
+    with pytest.raises(CheckpointError, match=f"{last}.*re-download"):
+        reader.get(last)
+    reader.close()
 
 
 def test_corrupt_safetensors_header(fresh, tmp_path, capsys):

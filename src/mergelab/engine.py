@@ -1,16 +1,16 @@
 """recipe -> plan -> (read | compute | write) -> model folder.
 
-Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` pieces
-(``pread``, checked for NaN/Inf), the calling thread and the compute lanes run the method, and a writer thread
-appends results to the current shard. Only the pieces in flight are in memory, so peak memory is bounded by
-about ``read_ahead + compute_threads + 1`` pieces whatever the model size. A piece is a whole tensor, or a row
-block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass``
-methods (a per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once
-per statistics pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds
-compute a piece in cache-sized tiles (``tile_elements``) on one torch thread; up to ``compute_threads`` pieces
-that carry no cross-piece state are computed side by side in a thread pool, and their results reach the writer
-in plan order, so the output does not depend on the thread count. The output statistics (fractions equal to
-each input) are counted on the tiles too. The engine knows nothing of a method's maths.
+Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` pieces (memory
+maps made resident; NaN/Inf are checked on the tiles), the calling thread and the compute lanes run the method, and a
+writer thread appends results to the current shard. Only the pieces in flight are in memory, so peak memory is bounded
+by about ``read_ahead + compute_threads + 1`` pieces whatever the model size. A piece is a whole tensor, or a row
+block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass`` methods
+(a per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once per statistics
+pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds compute a piece in
+cache-sized tiles (``tile_elements``) on one torch thread; up to ``compute_threads`` pieces that carry no cross-piece
+state are computed side by side in a thread pool, and their results reach the writer in plan order, so the output does
+not depend on the thread count. The output statistics (fractions equal to each input) are counted on the tiles too.
+The engine knows nothing of a method's maths.
 """
 
 from __future__ import annotations
@@ -290,7 +290,8 @@ def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
 def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, result: Any, rows: tuple[int, int],
             out: torch.Tensor) -> dict[str, Any]:
     """Cast one tile's result into ``out`` (its ``rows`` of the piece's output), check it, and count the elements
-    equal to each input (compared in the compute dtype, with numpy's vectorised comparisons on the CPU)."""
+    equal to each input: on the stored bit patterns where the input has the output's dtype, else in the compute
+    dtype (an input that the output dtype holds exactly) or in the output dtype (one that rounds to it)."""
     job = piece.job
     merged, method_stats = result if isinstance(result, tuple) else (result, {})
     out.copy_(merged)
@@ -300,14 +301,19 @@ def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, resu
                           f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
     sources = ([job.base] if job.base else []) + job.experts
     moved = ([call.base] if job.base else []) + call.experts
-    rounded = tiles.buffers[-1][: out.shape[0]] if out.dim() else tiles.buffers[-1]
-    rounded.copy_(out)  # the output as written, back in the compute dtype
+    same_bits, rounded = None, None
     equal = {}
     for source, raw, tensor in zip(sources, tiles.inputs, moved):
-        if _exactly_in(raw.dtype, plan.out_dtype):
+        tile = raw[rows[0]:rows[1]] if raw.dim() else raw
+        if raw.dtype == out.dtype:  # both on the CPU: inputs are read there, outputs written from there
+            same_bits = same_bits or _SameBits(out)
+            equal[source.model] = same_bits.count(tile)
+        elif _exactly_in(raw.dtype, plan.out_dtype):
+            if rounded is None:  # the output as written, back in the compute dtype
+                rounded = tiles.buffers[-1][: out.shape[0]] if out.dim() else tiles.buffers[-1]
+                rounded.copy_(out)
             equal[source.model] = _count_equal(rounded, tensor)
         else:  # the input rounds to the output dtype: compare there, as the recorded fraction means
-            tile = raw[rows[0]:rows[1]] if raw.dim() else raw
             equal[source.model] = int(torch.count_nonzero(out == tile.to(out.dtype)))
     return {"numel": out.numel(), "equal_to": equal, **method_stats}
 
@@ -323,6 +329,30 @@ def _count_equal(a: torch.Tensor, b: torch.Tensor) -> int:
     if a.device.type == "cpu":  # numpy's comparisons are vectorised, several times faster than torch's here
         return int(np.count_nonzero(a.numpy() == b.numpy()))
     return int(torch.count_nonzero(a == b))
+
+
+_INTEGER_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _SameBits:
+    """Counts the elements of a tensor of ``out``'s dtype that equal ``out`` as numbers, by comparing bit patterns
+    as integers (half the bytes of a float32 comparison, and no cast back). Equal numbers have equal bits except
+    +0 and -0, so where ``out`` holds a zero the pairs that differ only in the sign bit are added; neither side
+    holds NaN (inputs and outputs are checked)."""
+
+    def __init__(self, out: torch.Tensor):
+        kind = _INTEGER_VIEWS[out.element_size()]
+        self.kind, self.info = kind, torch.iinfo(kind)
+        self.out = out.view(kind).numpy()
+        self.zero = np.bitwise_and(self.out, self.info.max) == 0  # +0 or -0
+        self.any_zero = bool(self.zero.any())
+
+    def count(self, tile: torch.Tensor) -> int:
+        other = tile.view(self.kind).numpy()
+        same = int(np.count_nonzero(self.out == other))
+        if self.any_zero:
+            same += int(np.count_nonzero(self.zero & (np.bitwise_xor(self.out, other) == self.info.min)))
+        return same
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

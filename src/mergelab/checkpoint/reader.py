@@ -1,13 +1,14 @@
 """Lazy, per-tensor access to Hugging Face model folders (single-file or sharded safetensors).
 
 Headers are parsed and checked up front (truncation, offsets, index paths), so a bad file is refused before
-anything is written; tensor data is memory-mapped and read one tensor at a time.
+anything is written; tensor data is memory-mapped one tensor (or row block) at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -25,6 +26,15 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it
+
+
+def _make_resident(mapped: mmap.mmap) -> None:
+    """Read a mapping's pages in and map them now (in the reading thread), or at least start reading them."""
+    try:
+        mapped.madvise(MADV_POPULATE_READ)
+    except OSError:  # an older kernel: ask for read-ahead; the first touch maps the pages
+        mapped.madvise(mmap.MADV_WILLNEED)
 
 
 @dataclass(frozen=True)
@@ -105,10 +115,12 @@ class ModelReader:
         return self.entries[name].dtype
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor, or rows ``[start, stop)`` of it, with ``pread`` into fresh memory.
+        """One tensor, or rows ``[start, stop)`` of it, as a private memory map of just those bytes.
 
-        Reading rather than memory-mapping keeps file pages out of the process's resident set, so its memory
-        is what it really holds, and reads from several threads need no lock.
+        The mapping is made resident here (``MADV_POPULATE_READ``: the calling reader thread waits for the disk
+        and maps the page-cache pages), so the thread that computes on it neither faults nor copies; it is
+        unmapped when the tensor is freed, so the resident set holds only the pieces in flight. Copy-on-write
+        (``ACCESS_COPY``): writing to the tensor can never reach the file.
         """
         if self.pickle_state is not None:
             tensor = self.pickle_state[name]
@@ -116,21 +128,22 @@ class ModelReader:
         entry = self.entries[name]
         first, last = (0, entry.shape[0] if entry.shape else 1) if rows is None else rows
         shape = (last - first, *entry.shape[1:]) if entry.shape else ()
-        size = int(torch.Size(shape).numel()) * torch.tensor([], dtype=entry.dtype).element_size()
-        buffer = bytearray(size)
+        count = int(torch.Size(shape).numel())
+        if count == 0:
+            return torch.empty(shape, dtype=entry.dtype)
+        start = entry.offset + first * entry.row_bytes
+        size = count * torch.tensor([], dtype=entry.dtype).element_size()
         with self._lock:
             fd = self._handles.get(entry.file)
             if fd is None:
                 fd = self._handles[entry.file] = os.open(entry.file, os.O_RDONLY)
-        view, done = memoryview(buffer), 0
-        while done < size:
-            got = os.preadv(fd, [view[done:]], entry.offset + first * entry.row_bytes + done)
-            if got == 0:
-                raise CheckpointError(f"{entry.file} ended while reading tensor '{name}'; re-download it")
-            done += got
-        if size == 0:
-            return torch.empty(shape, dtype=entry.dtype)
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(shape)
+        if os.fstat(fd).st_size < start + size:
+            raise CheckpointError(f"{entry.file} ended while reading tensor '{name}' (it shrank after it was "
+                                  "opened); re-download it")
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, start + size - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        _make_resident(mapped)
+        return torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=start - aligned).reshape(shape)
 
     def close(self) -> None:
         for fd in self._handles.values():
