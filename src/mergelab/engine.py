@@ -1,7 +1,7 @@
 """recipe -> plan -> (read | compute | write) -> model folder.
 
 Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` pieces (memory
-maps made resident; NaN/Inf are checked on the tiles), the calling thread and the compute lanes run the method, and a
+maps made resident and checked for NaN/Inf), the calling thread and the compute lanes run the method, and a
 writer thread appends results to the current shard. Only the pieces in flight are in memory, so peak memory is bounded
 by about ``read_ahead + compute_threads + 1`` pieces whatever the model size. A piece is a whole tensor, or a row
 block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass`` methods
@@ -176,7 +176,8 @@ def _generator(plan: MergePlan, job: TensorJob, options: MergeOptions, seed: int
 
 
 def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
-    """Inputs of one piece (base first if any), rows trimmed by the vocabulary rule."""
+    """Inputs of one piece (base first if any), rows trimmed by the vocabulary rule, checked for NaN/Inf when
+    ``piece.check`` (here, on the reading threads, which are idle most of the time, rather than while computing)."""
     tensors = []
     job = piece.job
     for source in ([job.base] if job.base else []) + job.experts:
@@ -187,6 +188,9 @@ def _read(plan: MergePlan, piece: Piece) -> list[torch.Tensor]:
                 tensor = tensor[: source.rows]
         else:
             tensor = reader.get(source.name, (piece.start, piece.stop))
+        if piece.check and not (all_finite([tensor]) or bool(torch.isfinite(tensor).all())):
+            raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; repair or "
+                                  "exclude this model")
         tensors.append(tensor)
     return tensors
 
@@ -224,21 +228,14 @@ class _Tiles:
         tile_shape = (min(per_tile, rows), *shape[1:]) if shape else ()
         self.buffers = [buffers.get(i, tile_shape, self.dtype, self.device) for i in range(len(inputs) + 1)]
 
-    def cast(self, a: int, b: int, check: bool) -> list[torch.Tensor]:
-        """Rows ``[a, b)`` of every input in the compute dtype; checked for NaN/Inf when ``check``."""
-        moved = [buffer[: b - a].copy_(t[a:b]) if t.dim() else buffer.copy_(t)
-                 for buffer, t in zip(self.buffers, self.inputs)]
-        if check and not all_finite(moved):
-            job = self.piece.job
-            for source, tensor in zip(([job.base] if job.base else []) + job.experts, moved):
-                if not torch.isfinite(tensor).all():
-                    raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; "
-                                          "repair or exclude this model")
-        return moved
+    def cast(self, a: int, b: int) -> list[torch.Tensor]:
+        """Rows ``[a, b)`` of every input in the compute dtype."""
+        return [buffer[: b - a].copy_(t[a:b]) if t.dim() else buffer.copy_(t)
+                for buffer, t in zip(self.buffers, self.inputs)]
 
-    def call(self, a: int, b: int, check: bool, generator: torch.Generator | None = None) -> MethodCall:
+    def call(self, a: int, b: int, generator: torch.Generator | None = None) -> MethodCall:
         job = self.piece.job
-        moved = self.cast(a, b, check)
+        moved = self.cast(a, b)
         return MethodCall(moved[0] if job.base else None, moved[1:] if job.base else moved, job.info, job.params,
                           generator)
 
@@ -248,7 +245,7 @@ def _observe(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
     """A statistics-pass piece: feed its tiles to the tensor's state, and close the pass after its last block."""
     tiles = _Tiles(piece, inputs, options, buffers)
     for a, b in tiles.bounds:
-        state.observe(tiles.call(a, b, piece.check))
+        state.observe(tiles.call(a, b))
     if piece.last:
         state.end_pass()
 
@@ -265,33 +262,37 @@ def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
     tiles = _Tiles(piece, inputs, options if tiled else replace(options, tile_elements=1 << 62),
                    buffers if tiled else _Buffers())
     generator = None if method.two_pass is not None else _generator(plan, job, options, seed)
-    check = piece.check
     if state is None and not method.elementwise and method.two_pass is not None:  # a whole TwoPass tensor
         state = method.two_pass.start(job.info, job.params, job.shape, _generator(plan, job, options, seed))
         while not state.done:
             for a, b in tiles.bounds:
-                state.observe(tiles.call(a, b, check))
+                state.observe(tiles.call(a, b))
             state.end_pass()
-            check = False
     shape = job.shape if piece.whole else (piece.stop - piece.start, *job.shape[1:])
     out = torch.empty(shape, dtype=plan.out_dtype)
     totals: dict[str, Any] = {"numel": 0, "equal_to": {}}
     for a, b in tiles.bounds:
-        call = tiles.call(a, b, check, generator)
+        call = tiles.call(a, b, generator)
         result = method.fn(call) if state is None else method.two_pass.block(call, state)
         counts = _output(plan, piece, tiles, call, result, (a, b), out[a:b] if out.dim() else out)
         totals["numel"] += counts.pop("numel")
         for model, n in counts.pop("equal_to").items():
             totals["equal_to"][model] = totals["equal_to"].get(model, 0) + n
         totals.update(counts)
+    same_bits = None  # inputs of the output's dtype: counted once on the whole piece (few calls, few GIL waits)
+    for source, raw in zip(([job.base] if job.base else []) + job.experts, inputs):
+        if raw.dtype == out.dtype:
+            same_bits = same_bits or _SameBits(out)
+            totals["equal_to"][source.model] = same_bits.count(raw)
     return out, totals
 
 
 def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, result: Any, rows: tuple[int, int],
             out: torch.Tensor) -> dict[str, Any]:
     """Cast one tile's result into ``out`` (its ``rows`` of the piece's output), check it, and count the elements
-    equal to each input: on the stored bit patterns where the input has the output's dtype, else in the compute
-    dtype (an input that the output dtype holds exactly) or in the output dtype (one that rounds to it)."""
+    equal to each input of another dtype than the output's: in the compute dtype (an input that the output dtype
+    holds exactly) or in the output dtype (one that rounds to it). Inputs of the output's dtype are compared on
+    their bit patterns, once per piece, by ``_compute``."""
     job = piece.job
     merged, method_stats = result if isinstance(result, tuple) else (result, {})
     out.copy_(merged)
@@ -301,14 +302,13 @@ def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, resu
                           f"{plan.out_dtype}); check its parameters (weights summing to zero, extreme lambda)")
     sources = ([job.base] if job.base else []) + job.experts
     moved = ([call.base] if job.base else []) + call.experts
-    same_bits, rounded = None, None
+    rounded = None
     equal = {}
     for source, raw, tensor in zip(sources, tiles.inputs, moved):
         tile = raw[rows[0]:rows[1]] if raw.dim() else raw
-        if raw.dtype == out.dtype:  # both on the CPU: inputs are read there, outputs written from there
-            same_bits = same_bits or _SameBits(out)
-            equal[source.model] = same_bits.count(tile)
-        elif _exactly_in(raw.dtype, plan.out_dtype):
+        if raw.dtype == out.dtype:  # counted on the whole piece by ``_compute``
+            continue
+        if _exactly_in(raw.dtype, plan.out_dtype):
             if rounded is None:  # the output as written, back in the compute dtype
                 rounded = tiles.buffers[-1][: out.shape[0]] if out.dim() else tiles.buffers[-1]
                 rounded.copy_(out)
@@ -337,29 +337,33 @@ _INTEGER_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 class _SameBits:
     """Counts the elements of a tensor of ``out``'s dtype that equal ``out`` as numbers, by comparing bit patterns
     as integers (half the bytes of a float32 comparison, and no cast back). Equal numbers have equal bits except
-    +0 and -0, so where ``out`` holds a zero the pairs that differ only in the sign bit are added; neither side
-    holds NaN (inputs and outputs are checked)."""
+    +0 and -0, so at the (few) positions where ``out`` holds a zero, pairs that differ only in the sign bit are
+    added; neither side holds NaN (inputs and outputs are checked)."""
 
     def __init__(self, out: torch.Tensor):
-        kind = _INTEGER_VIEWS[out.element_size()]
-        self.kind, self.info = kind, torch.iinfo(kind)
-        self.out = out.view(kind).numpy()
-        self.zero = np.bitwise_and(self.out, self.info.max) == 0  # +0 or -0
-        self.any_zero = bool(self.zero.any())
+        self.kind = _INTEGER_VIEWS[out.element_size()]
+        self.magnitude = torch.iinfo(self.kind).max  # every bit but the sign
+        self.out = out.view(self.kind).numpy().reshape(-1)
+        self.zeros = np.flatnonzero(np.bitwise_and(self.out, self.magnitude) == 0)  # where out is +0 or -0
+        self.out_zeros = self.out[self.zeros]
 
     def count(self, tile: torch.Tensor) -> int:
-        other = tile.view(self.kind).numpy()
+        other = tile.view(self.kind).numpy().reshape(-1)
         same = int(np.count_nonzero(self.out == other))
-        if self.any_zero:
-            same += int(np.count_nonzero(self.zero & (np.bitwise_xor(self.out, other) == self.info.min)))
+        if self.zeros.size:
+            at_zeros = other[self.zeros]
+            signed = (at_zeros != self.out_zeros) & (np.bitwise_and(at_zeros, self.magnitude) == 0)
+            same += int(np.count_nonzero(signed))
         return same
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or Inf, by one float32 sum each (a NaN or Inf anywhere makes the sum
-    non-finite); a False may also mean a finite sum overflowed, so callers confirm with ``isfinite``. A sum is
-    several times cheaper than ``isfinite(...).all()``, which writes a boolean tensor."""
-    return all(math.isfinite(t.sum(dtype=torch.float32).item()) for t in tensors)
+    """True when no tensor holds NaN or Inf, by one sum each (a NaN or Inf anywhere makes the sum non-finite);
+    a False may also mean a finite sum overflowed, so callers confirm with ``isfinite``. A sum is several times
+    cheaper than ``isfinite(...).all()``, which writes a boolean tensor. It is taken in the tensor's own dtype:
+    torch accumulates bfloat16 and float16 in float32 anyway, while ``sum(dtype=float32)`` would first cast the
+    whole tensor. Integer tensors hold no NaN."""
+    return all(not t.is_floating_point() or math.isfinite(t.sum().item()) for t in tensors)
 
 
 def _add_counts(stats: MergeStats, piece: Piece, counts: dict[str, Any]) -> None:

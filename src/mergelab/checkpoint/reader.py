@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mergelab.checkpoint.pagecache import make_resident
 from mergelab.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
@@ -26,15 +27,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it
-
-
-def _make_resident(mapped: mmap.mmap) -> None:
-    """Read a mapping's pages in and map them now (in the reading thread), or at least start reading them."""
-    try:
-        mapped.madvise(MADV_POPULATE_READ)
-    except OSError:  # an older kernel: ask for read-ahead; the first touch maps the pages
-        mapped.madvise(mmap.MADV_WILLNEED)
 
 
 @dataclass(frozen=True)
@@ -142,7 +134,7 @@ class ModelReader:
                                   "opened); re-download it")
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(fd, start + size - aligned, offset=aligned, access=mmap.ACCESS_COPY)
-        _make_resident(mapped)
+        make_resident(mapped)
         return torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=start - aligned).reshape(shape)
 
     def close(self) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import xxhash
 
+from mergelab.checkpoint.pagecache import start_write_back
 from mergelab.errors import OutputError
 
+WRITE_BACK_BYTES = 64 << 20  # start writing each such stretch to disk while the merge goes on
 SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -81,11 +83,19 @@ class ShardWriter:
         self.tensor_bytes = 0
         self.checksum = xxhash.xxh3_128()
         self.file = open(self.tmp, "wb")
+        self.size = self.written_back = 0
         self._write(safetensors_header(tensors, {"format": "pt"}))
 
     def _write(self, data: bytes | memoryview) -> None:
+        """Append bytes; every ``WRITE_BACK_BYTES`` start their write-back, so ``close``'s fsync does not wait for
+        the whole shard."""
         self.file.write(data)
         self.checksum.update(data)
+        self.size += len(data)
+        if self.size - self.written_back >= WRITE_BACK_BYTES:
+            self.file.flush()
+            start_write_back(self.file.fileno(), self.written_back, self.size - self.written_back)
+            self.written_back = self.size
 
     def add(self, name: str, block: torch.Tensor) -> None:
         """Append a tensor, or the next row block of one; blocks of a tensor must come in row order."""
