@@ -42,3 +42,25 @@ def test_check_notes_vocabulary_rows_dropped(tmp_path, capsys):
                                              "models": [{"model": str(big)}]})
     assert main(["check", str(path), "--no-similarity"]) == 0
     assert "vocab_size 100 vs 96" in capsys.readouterr().out
+
+
+def test_peak_memory_follows_the_pieces_the_engine_streams(tmp_path):
+    # Task arithmetic streams every tensor in row blocks of chunk_elements, so a ten times larger vocabulary
+    # (embedding and head) leaves its estimate unchanged; Model Stock takes each tensor whole, so its grows.
+    from mergelab.check import peak_memory_bytes
+    from mergelab.config import parse_recipe
+    from mergelab.engine import MergeOptions, open_inputs
+    from mergelab.plan import build_plan
+
+    def estimate(vocab: int, method: str) -> int:
+        base, experts = make_family(tmp_path / f"{method}-{vocab}", 2, layers=1, vocab=vocab)
+        recipe = parse_recipe({"merge_method": method, "base_model": str(base),
+                               "models": [{"model": str(e)} for e in experts]})
+        plan = build_plan(recipe, open_inputs(recipe, None, False))
+        return peak_memory_bytes(plan, MergeOptions(chunk_elements=512, compute_threads=2))
+
+    small = estimate(96, "task_arithmetic")
+    assert small == estimate(960, "task_arithmetic")
+    assert estimate(960, "model_stock") > 5 * estimate(96, "model_stock")
+    # one row block of three float32 inputs: read (3 pieces), computed (2 lanes); tiles and outputs on top
+    assert small >= 512 * 4 * 3 * (3 + 2)

@@ -18,6 +18,7 @@ import torch
 
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import Recipe
+from mergelab.engine import MergeOptions, row_blocks
 from mergelab.errors import MergelabError
 from mergelab.plan import MergePlan, build_plan, describe
 
@@ -95,13 +96,32 @@ def task_vector_similarity(plan: MergePlan) -> dict[str, Any]:
     return result
 
 
-def peak_memory_bytes(plan: MergePlan, read_ahead: int = 2) -> int:
-    """Inputs of ``read_ahead + 1`` tensor groups in storage dtype, plus float32 work copies and the output
-    of the largest group, plus two output tensors queued for writing: an estimate, not a bound."""
-    largest = max(plan.jobs, key=lambda j: torch.Size(j.shape).numel())
-    numel = torch.Size(largest.shape).numel()
-    n_inputs = len(largest.experts) + (1 if largest.base else 0)
-    return numel * (n_inputs * 2 * (read_ahead + 1) + n_inputs * 4 * 2 + 4 * 2)
+def peak_memory_bytes(plan: MergePlan, options: MergeOptions | None = None) -> int:
+    """What the engine holds at once beyond the interpreter, for the largest piece it computes (an estimate, not a
+    bound): the inputs, in their storage dtypes, of ``read_ahead + 1`` pieces being read and of the pieces being
+    computed (one per compute lane); each lane's work copies in the compute dtype (cache-sized tiles for
+    elementwise and ``TwoPass`` methods, the whole piece otherwise, one per input plus one); the outputs being
+    computed, queued for the writer (two) and being written (one). A piece is a row block where the engine streams
+    the tensor (``engine.row_blocks``), else the whole tensor."""
+    options = options or MergeOptions()
+    method = plan.method
+    tiled = method.elementwise or method.two_pass is not None
+    lanes = options.compute_threads if tiled and torch.device(options.device).type == "cpu" else 1
+    work_size = 8 if options.float64 else 4
+    out_size = torch.tensor([], dtype=plan.out_dtype).element_size()
+    peak = 0
+    for job in plan.jobs:
+        shape = job.shape or (1,)
+        blocks = row_blocks(plan, job, options)
+        rows = shape[0] if blocks is None else max(stop - start for start, stop in blocks)
+        numel = rows * torch.Size(shape[1:]).numel()
+        sources = ([job.base] if job.base else []) + job.experts
+        input_bytes = numel * sum(torch.tensor([], dtype=plan.readers[s.model].dtype(s.name)).element_size()
+                                  for s in sources)
+        work = (min(numel, options.tile_elements) if tiled else numel) * work_size * (len(sources) + 1)
+        held = input_bytes * (options.read_ahead + 1 + lanes) + work * lanes + numel * out_size * (lanes + 3)
+        peak = max(peak, held)
+    return peak
 
 
 def check(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = False, allow_mixed: bool = False,
