@@ -1,16 +1,17 @@
 """recipe -> plan -> (read | compute | write) -> model folder.
 
-Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` pieces (memory
-maps made resident and checked for NaN/Inf), the calling thread and the compute lanes run the method, and a
-writer thread appends results to the current shard. Only the pieces in flight are in memory, so peak memory is bounded
-by about ``read_ahead + compute_threads + 1`` pieces whatever the model size. A piece is a whole tensor, or a row
-block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass`` methods
-(a per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once per statistics
-pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds compute a piece in
-cache-sized tiles (``tile_elements``) on one torch thread; up to ``compute_threads`` pieces that carry no cross-piece
-state are computed side by side in a thread pool, and their results reach the writer in plan order, so the output does
-not depend on the thread count. The output statistics (fractions equal to each input) are counted on the tiles too.
-The engine knows nothing of a method's maths.
+Reading, computing and writing overlap: a small thread pool reads the inputs of the next ``read_ahead`` pieces
+(memory maps made resident and checked for NaN/Inf), the calling thread and the compute lanes run the method, and a
+writer thread appends results to the current shard. Only the pieces in flight are in memory, so peak memory is
+bounded by about ``read_ahead + compute_threads + 1`` pieces whatever the model size. A piece is a whole tensor, or
+a row block of at most ``chunk_elements`` elements: elementwise methods are always computed in blocks; ``TwoPass``
+methods (a per-tensor statistic, then elementwise) stream the blocks of a tensor above ``stream_elements`` once per
+statistics pass, then once more to compute, so memory does not grow even with the largest tensor. Both kinds compute
+a piece in cache-sized tiles (``tile_elements``) on one torch thread; up to ``compute_threads`` pieces that carry no
+cross-piece state are computed side by side in a thread pool, and their results reach the writer in plan order, so
+the output does not depend on the thread count. The output statistics (fractions equal to each input) are counted
+per piece on the stored bit patterns (per tile in the compute dtype where an input's dtype differs from the
+output's). The engine knows nothing of a method's maths.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def _compute(plan: MergePlan, piece: Piece, inputs: list[torch.Tensor], options:
         for model, n in counts.pop("equal_to").items():
             totals["equal_to"][model] = totals["equal_to"].get(model, 0) + n
         totals.update(counts)
-    same_bits = None  # inputs of the output's dtype: counted once on the whole piece (few calls, few GIL waits)
+    same_bits = None  # inputs of the output's dtype: counted once on the whole piece (a few calls, not per tile)
     for source, raw in zip(([job.base] if job.base else []) + job.experts, inputs):
         if raw.dtype == out.dtype:
             same_bits = same_bits or _SameBits(out)
@@ -305,7 +306,6 @@ def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, resu
     rounded = None
     equal = {}
     for source, raw, tensor in zip(sources, tiles.inputs, moved):
-        tile = raw[rows[0]:rows[1]] if raw.dim() else raw
         if raw.dtype == out.dtype:  # counted on the whole piece by ``_compute``
             continue
         if _exactly_in(raw.dtype, plan.out_dtype):
@@ -314,6 +314,7 @@ def _output(plan: MergePlan, piece: Piece, tiles: _Tiles, call: MethodCall, resu
                 rounded.copy_(out)
             equal[source.model] = _count_equal(rounded, tensor)
         else:  # the input rounds to the output dtype: compare there, as the recorded fraction means
+            tile = raw[rows[0]:rows[1]] if raw.dim() else raw
             equal[source.model] = int(torch.count_nonzero(out == tile.to(out.dtype)))
     return {"numel": out.numel(), "equal_to": equal, **method_stats}
 
