@@ -17,12 +17,13 @@ from tinymodels import load_folder, make_family
 
 import mergelab.ops.sparsify as sparsify
 from mergelab.api import merge
-from mergelab.engine import MergeOptions, row_blocks
 from mergelab.errors import CheckpointError, RecipeError
-from mergelab.methods import METHODS
+from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodCall, TensorInfo
 from mergelab.ops.quantile import Selection
 from mergelab.ops.sparsify import L1Norm, RankWindow, magnitude_window, outlier_window
+from mergelab.stream.options import MergeOptions
+from mergelab.stream.schedule import execution
 
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
 FAMILY = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
@@ -191,9 +192,9 @@ def test_random_methods_stay_whole_on_cuda():
         plan = SimpleNamespace(method=METHODS[method])
         for device, expected in (("cpu", True), ("cuda", split_on_cuda)):
             options = MergeOptions(device=device, chunk_elements=10_000, stream_elements=50_000)
-            assert (row_blocks(plan, job, options) is not None) == expected, (method, device)
+            assert (execution(plan.method, job, options).blocks is not None) == expected, (method, device)
         options = MergeOptions(chunk_elements=10_000, stream_elements=200_000)
-        assert row_blocks(plan, job, options) is None  # small enough to read whole
+        assert execution(plan.method, job, options).blocks is None  # small enough to read whole
 
 
 @pytest.fixture(scope="module")
@@ -212,17 +213,17 @@ def recipe(base, experts, method, **params):
                                             ("della", {"density": 0.5, "epsilon": 0.2}),
                                             ("breadcrumbs", {"density": 0.6, "gamma": 0.1})])
 def test_streamed_merge_writes_the_same_bytes(family, tmp_path, method, params, monkeypatch):
-    import mergelab.engine as engine
+    import mergelab.stream.pipeline as engine
 
     base, experts = family
     passes = []
-    original = engine._observe
+    original = engine.observe_piece
 
     def spy(plan, piece, *args):
         passes.append((piece.job.name, piece.pass_index, piece.start))
         original(plan, piece, *args)
 
-    monkeypatch.setattr(engine, "_observe", spy)
+    monkeypatch.setattr(engine, "observe_piece", spy)
     r = recipe(base, experts, method, **params)
     whole = merge(r, tmp_path / "whole")
     assert passes == []
@@ -322,20 +323,20 @@ def test_parallel_lanes_write_the_same_bytes_and_statistics(family, tmp_path, me
     # thread; the writer gets both in plan order, so the files and statistics cannot depend on the lane count
     import threading
 
-    import mergelab.engine as engine
+    import mergelab.stream.pipeline as engine
 
     base, experts = family
     r = recipe(base, experts, method, **params)
     if method == "linear":
         del r["base_model"]
     threads = set()
-    original = engine._compute
+    original = engine.compute_piece
 
     def spy(*args):
         threads.add(threading.get_ident())
         return original(*args)
 
-    monkeypatch.setattr(engine, "_compute", spy)
+    monkeypatch.setattr(engine, "compute_piece", spy)
     options = {"chunk_elements": 100, "stream_elements": stream_elements, "shard_size": 40_000}
     one = merge(r, tmp_path / "one", compute_threads=1, **options)
     assert threads == {threading.get_ident()}

@@ -49,8 +49,9 @@ def test_peak_memory_follows_the_pieces_the_engine_streams(tmp_path):
     # (embedding and head) leaves its estimate unchanged; Model Stock takes each tensor whole, so its grows.
     from mergelab.check import peak_memory_bytes
     from mergelab.config import parse_recipe
-    from mergelab.engine import MergeOptions, open_inputs
-    from mergelab.plan import build_plan
+    from mergelab.plan.build import build_plan
+    from mergelab.plan.sources import open_inputs
+    from mergelab.stream.options import MergeOptions
 
     def estimate(vocab: int, method: str) -> int:
         base, experts = make_family(tmp_path / f"{method}-{vocab}", 2, layers=1, vocab=vocab)

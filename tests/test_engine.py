@@ -157,9 +157,9 @@ def test_interrupted_merge_resumes_to_identical_output(family, tmp_path, monkeyp
     base, experts = family
     recipe = recipe_for(base, experts, "dare_linear", parameters={"density": 0.5})
     reference = merge(recipe, tmp_path / "reference", shard_size=20_000)
-    import mergelab.engine as engine
+    import mergelab.stream.pipeline as engine
 
-    real_compute, calls = engine._compute, []
+    real_compute, calls = engine.compute_piece, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -167,14 +167,14 @@ def test_interrupted_merge_resumes_to_identical_output(family, tmp_path, monkeyp
             raise Interrupt
         return real_compute(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_compute", flaky)
+    monkeypatch.setattr(engine, "compute_piece", flaky)
     with pytest.raises(Interrupt):
         merge(recipe, tmp_path / "out", shard_size=20_000)
     assert not (tmp_path / "out").exists()
     partial = tmp_path / "out.partial"
     done = json.loads((partial / "progress.json").read_text())["shards"]
     assert done and not list(partial.glob("*.tmp"))
-    monkeypatch.setattr(engine, "_compute", real_compute)
+    monkeypatch.setattr(engine, "compute_piece", real_compute)
     with pytest.raises(Exception, match="--resume"):
         merge(recipe, tmp_path / "out", shard_size=20_000)
     damaged = partial / sorted(done)[0]  # a finished shard damaged while the merge was stopped is redone
@@ -430,22 +430,22 @@ def test_row_blocks_give_the_same_bytes_as_whole_tensors(family, tmp_path):
 def test_model_level_passes_reach_the_method_and_the_output(family, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from mergelab.methods import METHODS
+    from mergelab.methods.registry import METHODS
     from mergelab.methods.spec import ModelPass
 
     base, experts = family
     seen = {}
 
-    def prepare(plan, options):
-        return ModelPass(params={job.name: {"layer_scale": 1.0 + (job.info.layer or 0)} for job in plan.jobs},
+    def prepare(context):
+        return ModelPass(extras={job.name: {"layer_scale": 1.0 + (job.info.layer or 0)} for job in context.tensors},
                          record={"note": "prepared"})
 
     def fn(call):
-        seen[call.info.name] = call.params["layer_scale"]
-        return call.base * call.params["layer_scale"]
+        seen[call.info.name] = call.extras["layer_scale"]
+        return call.base * call.extras["layer_scale"]
 
-    def finish(plan, folder, options):
-        assert (folder / "config.json").exists()
+    def finish(context):
+        assert (context.merged.folder / "config.json").exists()
         return ModelPass(scales={"model.norm.weight": 3.0}, record={"note": "finished"})
 
     spec = replace(METHODS["task_arithmetic"], name="scaled", fn=fn, prepare=prepare, finish=finish)

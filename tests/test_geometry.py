@@ -11,10 +11,10 @@ import torch
 from scipy.optimize import minimize
 
 from mergelab.errors import RecipeError
-from mergelab.methods import geometry, sce
+from mergelab.methods import karcher, model_stock, multislerp, sce, slerp
 from mergelab.methods.spec import TensorInfo
 
-SPECS = {s.name: s for s in (*geometry.SPECS, *sce.SPECS)}
+SPECS = {s.name: s for s in (*karcher.SPECS, *slerp.SPECS, *multislerp.SPECS, *model_stock.SPECS, *sce.SPECS)}
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
 
 
@@ -316,8 +316,8 @@ def test_precise_dots_and_norms_accumulate_in_float64():
     rows = torch.randn(2, 3_000_000, generator=torch.Generator().manual_seed(0)) + 0.5
     vector = rows[0].clone()
     exact = rows.double().numpy() @ vector.double().numpy()
-    np.testing.assert_allclose(geometry.precise_dots(rows, vector).numpy(), exact, rtol=1e-11)
-    np.testing.assert_allclose(geometry.precise_norms(rows).numpy(), np.linalg.norm(rows.double().numpy(), axis=1),
+    np.testing.assert_allclose(karcher.precise_dots(rows, vector).numpy(), exact, rtol=1e-11)
+    np.testing.assert_allclose(karcher.precise_norms(rows).numpy(), np.linalg.norm(rows.double().numpy(), axis=1),
                                rtol=1e-11)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergelab.study import scf
+from mergelab.study import scf_pairs as scf
 from mergelab.study.protocol import StudySettings, run_study
 from mergelab.study.report import render_table
 

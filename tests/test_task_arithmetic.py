@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergelab.errors import RecipeError
-from mergelab.methods import METHODS
+from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import TensorInfo
 
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)

@@ -2,7 +2,7 @@
 
 Reports architecture, tensor-set and shape compatibility (by planning the merge), tokenizer and vocabulary
 differences, input dtypes, expected output size and peak memory, the parameters each tensor group receives, and
-the task-vector norms and pairwise cosines per layer group (the in-the-wild study's Appendix D: nearly
+the task-vector norms and pairwise cosines per layer group ([InTheWild] Appendix D: nearly
 orthogonal task vectors cancel under averaging, aligned ones add up).
 """
 
@@ -18,9 +18,12 @@ import torch
 
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import Recipe
-from mergelab.engine import MergeOptions, row_blocks
 from mergelab.errors import MergelabError
-from mergelab.plan import MergePlan, build_plan, describe
+from mergelab.plan.build import build_plan
+from mergelab.plan.data import MergePlan
+from mergelab.plan.describe import describe
+from mergelab.stream.options import MergeOptions
+from mergelab.stream.schedule import execution
 
 
 @dataclass
@@ -102,17 +105,15 @@ def peak_memory_bytes(plan: MergePlan, options: MergeOptions | None = None) -> i
     computed (one per compute lane); each lane's work copies in the compute dtype (cache-sized tiles for
     elementwise and ``TwoPass`` methods, the whole piece otherwise, one per input plus one); the outputs being
     computed, queued for the writer (two) and being written (one). A piece is a row block where the engine streams
-    the tensor (``engine.row_blocks``), else the whole tensor."""
+    the tensor, else the whole tensor: the job's ``stream.schedule.execution``, as the engine runs it."""
     options = options or MergeOptions()
-    method = plan.method
-    tiled = method.elementwise or method.two_pass is not None
-    lanes = options.compute_threads if tiled and torch.device(options.device).type == "cpu" else 1
     work_size = 8 if options.float64 else 4
     out_size = torch.tensor([], dtype=plan.out_dtype).element_size()
     peak = 0
     for job in plan.jobs:
         shape = job.shape or (1,)
-        blocks = row_blocks(plan, job, options)
+        run = execution(plan.method, job, options)
+        tiled, lanes, blocks = run.tiled, run.lanes, run.blocks
         rows = shape[0] if blocks is None else max(stop - start for start, stop in blocks)
         numel = rows * torch.Size(shape[1:]).numel()
         sources = ([job.base] if job.base else []) + job.experts

@@ -51,7 +51,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     recipe_dir = Path(args.recipe).parent
     if args.print_plan:
         from mergelab.engine import open_inputs
-        from mergelab.plan import build_plan, describe
+        from mergelab.plan.build import build_plan
+        from mergelab.plan.describe import describe
 
         readers = open_inputs(recipe, recipe_dir, args.allow_pickle)
         print(describe(build_plan(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed)))

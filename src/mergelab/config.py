@@ -16,10 +16,8 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from mergelab.checkpoint.dtypes import DTYPE_ALIASES, FLOAT_DTYPES
 from mergelab.errors import RecipeError
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 Scalar = Union[bool, int, float, str]
 
@@ -77,8 +75,8 @@ class Recipe(Strict):
         if value is None:
             return None
         value = DTYPE_ALIASES.get(value, value)
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+        if value not in FLOAT_DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(FLOAT_DTYPES)}")
         return value
 
     @model_validator(mode="after")
@@ -105,15 +103,6 @@ def closest(word: str, options: list[str] | tuple[str, ...]) -> str:
     if match:
         return f" (did you mean '{match[0]}'?)"
     return f" (valid: {', '.join(sorted(options))})"
-
-
-_KEYS_BY_MODEL = {
-    "Recipe": Recipe,
-    "ModelEntry": ModelEntry,
-    "SliceSource": SliceSource,
-    "OutputSlice": OutputSlice,
-    "Conditional": Conditional,
-}
 
 
 def _explain(error: ValidationError, source: str) -> RecipeError:

@@ -1,4 +1,4 @@
-"""Data-free diagonal Fisher of a causal LM from uniformly random tokens (FIM-Merging, eq. 7 and Algorithm 1,
+"""Data-free diagonal Fisher of a causal LM from uniformly random tokens ([FIMMerging] eq. 7 and Algorithm 1,
 step 1), shared by FIM-Merging and Karcher's ``fisher_precondition: diagonal``.
 
 For each of ``N`` random sequences ``x_i`` (token ids uniform over the vocabulary, a fixed seed) the negative

@@ -8,9 +8,10 @@ from collections import defaultdict
 from importlib import metadata
 from typing import Any
 
-from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, plan_shards, shard_file_names
+from mergelab.checkpoint.dtypes import dtype_name
+from mergelab.checkpoint.writer import OutputFolder
 from mergelab.config import dump_recipe
-from mergelab.plan import MergePlan, dtype_name
+from mergelab.plan.data import MergePlan
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -54,14 +55,12 @@ def model_card(plan: MergePlan) -> str:
             f"Base: {plan.recipe.base_model or '(none)'}\n\nRecipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
 
 
-def write_model_files(plan: MergePlan, output: OutputFolder, shard_size: int) -> None:
+def write_model_files(plan: MergePlan, output: OutputFolder) -> None:
     """Write what makes the folder loadable: index (when sharded), config, tokenizer, generation config."""
-    planned = [PlannedTensor(job.name, job.shape, plan.out_dtype) for job in plan.jobs]
-    shards = plan_shards(planned, shard_size)
-    names = shard_file_names(len(shards))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in planned)},
-                 "weight_map": {t.name: names[i] for i, shard in enumerate(shards) for t in shard}}
+    layout = plan.layout
+    if len(layout.shards) > 1:
+        index = {"metadata": {"total_size": plan.output_bytes},
+                 "weight_map": {t.name: layout.names[i] for i, shard in enumerate(layout.shards) for t in shard}}
         output.write_text("model.safetensors.index.json", json.dumps(index, indent=2))
     config = dict(plan.config)
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name(plan.out_dtype)

@@ -7,9 +7,28 @@ The Llama, Mistral, Qwen2, Qwen3 and Gemma families share Hugging Face's decoder
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from mergelab.methods.spec import TensorInfo
+# Module kinds that the patterns below assign.
+MODULE_KINDS = ("embedding", "attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm", "head",
+                "other")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Which tensor a method is merging: its name, transformer layer (None outside the layer stack), kind."""
+
+    name: str
+    layer: int | None
+    kind: str
+    num_layers: int
+
+    @property
+    def is_matrix_in_layer(self) -> bool:
+        """A 2-D projection inside the layer stack: what the SVD methods operate on."""
+        return self.layer is not None and self.kind not in ("norm", "embedding", "head", "other")
+
 
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -45,7 +64,7 @@ def layer_index(name: str) -> int | None:
 
 
 def module_kind(name: str) -> str:
-    """The module kind of a tensor name (see ``methods.spec.MODULE_KINDS``)."""
+    """The module kind of a tensor name (one of ``MODULE_KINDS``)."""
     for pattern, kind in KIND_PATTERNS:
         if re.search(pattern, name):
             return kind

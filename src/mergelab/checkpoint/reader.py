@@ -18,14 +18,10 @@ from typing import Any
 
 import torch
 
+from mergelab.checkpoint.dtypes import SAFETENSORS, torch_dtype
 from mergelab.checkpoint.pagecache import make_resident
 from mergelab.errors import CheckpointError
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -70,7 +66,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry; re-download or "
                                   "rebuild it") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORS:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
         end = max(end, stop)
         if not 0 <= start <= stop:
@@ -213,7 +209,7 @@ def open_model(folder: str | Path, allow_pickle: bool = False) -> ModelReader:
         for name, entry in header.items():
             if name == "__metadata__" or (index_map is not None and index_map.get(name) != file):
                 continue
-            entries[name] = TensorEntry(file, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+            entries[name] = TensorEntry(file, torch_dtype(SAFETENSORS[entry["dtype"]]), tuple(entry["shape"]),
                                         8 + len(raw) + entry["data_offsets"][0])
     if index_map is not None:
         missing = sorted(set(index_map) - set(entries))

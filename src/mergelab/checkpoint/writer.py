@@ -21,11 +21,11 @@ from typing import Any
 import torch
 import xxhash
 
+from mergelab.checkpoint.dtypes import safetensors_code
 from mergelab.checkpoint.pagecache import start_write_back
 from mergelab.errors import OutputError
 
 WRITE_BACK_BYTES = 64 << 20  # start writing each such stretch to disk while the merge goes on
-SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def safetensors_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -126,6 +126,25 @@ class ShardWriter:
     def abort(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def rescale_shards(folder: Path, scales: dict[str, float]) -> None:
+    """Multiply written tensors by factors (a method's ``finish`` pass), one shard in memory at a time, in
+    float32, each shard replaced atomically."""
+    if not scales:
+        return
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if not scales.keys() & tensors.keys():
+            continue
+        for name, factor in scales.items():
+            if name in tensors:
+                tensors[name] = (tensors[name].float() * factor).to(tensors[name].dtype)
+        tmp = shard.with_name(shard.name + ".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, shard)
 
 
 def file_checksum(path: Path) -> str:

@@ -1,5 +1,5 @@
-"""FIM-Merging: per-layer coefficients from a data-free diagonal Fisher (Algorithm 1, Appendix B of
-"FIM-Merging", 004 in the papers), applied to Task Arithmetic (``fim_ta``) and to TIES (``fim_ties``).
+"""FIM-Merging: per-layer coefficients from a data-free diagonal Fisher ([FIMMerging] Algorithm 1, Appendix B),
+applied to Task Arithmetic (``fim_ta``) and to TIES (``fim_ties``).
 
 Prepare step (before streaming): the base's diagonal Fisher on random tokens (``mergelab.fisher``); for each
 expert ``i`` and transformer layer ``l`` the importance ``F^l · ‖δ_i^l‖²`` (eq. 8, both terms means over the
@@ -29,20 +29,22 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.fisher import FisherSettings, diagonal_fisher, load_causal_lm, random_tokens, vocab_size
+from mergelab.fisher import FisherSettings
+from mergelab.methods.context import ModelContext
+from mergelab.methods.fim_calibration import calibrate
 from mergelab.methods.spec import MethodCall, MethodSpec, ModelPass, Param, weight_param
 from mergelab.methods.task_arithmetic import LAMBDA, SIGN_ELECTION, task_arithmetic_update
 from mergelab.ops.consensus import disjoint_sum, elect_sign
 from mergelab.ops.sparsify import magnitude_mask
 
 SCORES = ("fim_norm", "norm", "fim")
-RESIDUAL_WRITERS = ("attn_o", "mlp_down")
 
 FISHER_PARAMS = (
     Param("fisher_samples", int, default=8, low=1, high=4096, help="random sequences N for the Fisher"),
@@ -92,7 +94,7 @@ def layer_alphas(importance: list[float]) -> list[float]:
     return [1.0 - torch.sigmoid(torch.tensor((s - top) / spread, dtype=torch.float64)).item() for s in centred]
 
 
-def _settings(params: dict[str, Any]) -> FisherSettings:
+def fisher_settings(params: dict[str, Any]) -> FisherSettings:
     return FisherSettings(params["fisher_samples"], params["fisher_length"], params["fisher_seed"])
 
 
@@ -101,29 +103,30 @@ def _mean_square(tensors: list[torch.Tensor]) -> float:
     return sum(float(t.double().square().sum()) for t in tensors) / count if count else 0.0
 
 
-def prepare(plan, options) -> ModelPass:
-    """Fisher of the base, per-layer ``‖δ_i^l‖²`` of each expert, and the ``α_{i,l}`` of Algorithm 1."""
-    params = plan.jobs[0].params
-    if plan.jobs[0].base is None:
-        raise RecipeError(f"method '{plan.method.name}' needs a base_model to take the Fisher of; add one")
-    reader = plan.readers[plan.jobs[0].base.model]
-    fisher = diagonal_fisher(reader, _settings(params), options.device)
+def prepare(context: ModelContext, *, method: str, elementwise_fisher: bool) -> ModelPass:
+    """Fisher of the base, per-layer ``‖δ_i^l‖²`` of each expert, and the ``α_{i,l}`` of Algorithm 1;
+    ``elementwise_fisher`` (FIM-TIES) also hands each layer tensor its Fisher for the trim."""
+    params = context.shared_params
+    if context.base is None:
+        raise RecipeError(f"method '{method}' needs a base_model to take the Fisher of; add one")
+    reader = context.readers[context.base]
+    fisher = context.fisher(context.base, fisher_settings(params))
     by_layer: dict[int, list[Any]] = {}
-    for job in plan.jobs:
+    for job in context.tensors:
         if job.info.is_matrix_in_layer:
             by_layer.setdefault(job.info.layer, []).append(job)
     if not by_layer:
-        raise RecipeError(f"method '{plan.method.name}' found no transformer-layer tensors in {reader.folder}; "
+        raise RecipeError(f"method '{method}' found no transformer-layer tensors in {reader.folder}; "
                           "use task_arithmetic or ties")
     layers = sorted(by_layer)
     layer_fisher = fisher.layer_scores({lay: [job.name for job in by_layer[lay]] for lay in layers})
-    n_experts = len(plan.jobs[0].experts)
+    first = context.tensors[0]
+    n_experts = len(first.experts)
     delta_sq = [[0.0] * n_experts for _ in layers]
     for row, lay in enumerate(layers):
         base = [reader.get(job.name).double() for job in by_layer[lay]]
         for i in range(n_experts):
-            deltas = [plan.readers[job.experts[i].model].get(job.experts[i].name).double() - b
-                      for job, b in zip(by_layer[lay], base)]
+            deltas = [context.read(job.experts[i]).double() - b for job, b in zip(by_layer[lay], base)]
             delta_sq[row][i] = _mean_square(deltas)
     mode = params["score"]
     experts = []
@@ -131,28 +134,28 @@ def prepare(plan, options) -> ModelPass:
         importance = [(layer_fisher[lay] if mode != "norm" else 1.0) * (delta_sq[row][i] if mode != "fim" else 1.0)
                       for row, lay in enumerate(layers)]
         alphas = layer_alphas(importance)
-        experts.append({"model": plan.jobs[0].experts[i].model, "delta_sq": [d[i] for d in delta_sq],
+        experts.append({"model": first.experts[i].model, "delta_sq": [d[i] for d in delta_sq],
                         "importance": importance, "alpha": alphas, "outside_alpha": statistics.fmean(alphas)})
     alpha_of = {lay: [e["alpha"][row] for e in experts] for row, lay in enumerate(layers)}
     outside = [e["outside_alpha"] for e in experts]
-    per_tensor: dict[str, dict[str, Any]] = {}
-    for job in plan.jobs:
+    extras: dict[str, dict[str, Any]] = {}
+    for job in context.tensors:
         entry: dict[str, Any] = {"fim_alpha": alpha_of.get(job.info.layer, outside)}
-        if plan.method.name == "fim_ties" and job.info.layer is not None:
+        if elementwise_fisher and job.info.layer is not None:
             entry["fisher"] = fisher.elements.get(job.name)
-        per_tensor[job.name] = entry
+        extras[job.name] = entry
     record = {
         "score": mode, "layers": layers, "fisher_layer": [layer_fisher[lay] for lay in layers], "experts": experts,
         "fisher": {"samples": fisher.settings.samples, "length": fisher.settings.length,
                    "seed": fisher.settings.seed, "seconds": fisher.seconds, "cached": fisher.cached,
                    "cache_file": str(fisher.path) if fisher.path else None},
     }
-    return ModelPass(params=per_tensor, record=record)
+    return ModelPass(extras=extras, record=record)
 
 
 def fim_ta(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
     """FIM-TA: ``θ = θ_0 + λ Σ_i w_i α_{i,l} δ_i`` with the per-layer ``α`` of ``layer_alphas`` (sec. 4.1)."""
-    alphas = call.params["fim_alpha"]
+    alphas = call.extras["fim_alpha"]
     weights = [w * a for w, a in zip(call.params["weight"], alphas)]
     scaled = replace(call, params={**call.params, "weight": weights, "normalize": False})
     merged = task_arithmetic_update(scaled).mul_(call.params["lambda"]).add_(call.base)
@@ -164,8 +167,8 @@ def fim_ties(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
     ``gate_factor`` on gate projections), elect signs, disjoint mean, ``θ = θ_0 + λ Δ``."""
     p = call.params
     factor = p["gate_factor"] if call.info.kind == "mlp_gate" else 1.0
-    alphas = [a * factor for a in p["fim_alpha"]]
-    fisher = p.get("fisher")
+    alphas = [a * factor for a in call.extras["fim_alpha"]]
+    fisher = call.extras.get("fisher")
     trimmed = []
     for expert, alpha in zip(call.experts, alphas):
         delta = expert - call.base
@@ -174,69 +177,6 @@ def fim_ties(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
     update = disjoint_sum(trimmed, p["weight"], elect_sign(trimmed, p["sign_election"]), p["normalize"])
     kept = sum(int(t.count_nonzero()) for t in trimmed) / max(sum(t.numel() for t in trimmed), 1)
     return update.mul_(p["lambda"]).add_(call.base), {"fim_alpha": statistics.fmean(alphas), "fim_kept": kept}
-
-
-def layer_update_norms(folder: Path, tokens: torch.Tensor, device: str,
-                       replay: list[list[torch.Tensor]] | None = None) -> tuple[list[float], list[list[torch.Tensor]]]:
-    """Norm of each decoder layer's residual update ``h_out − h_in`` over all probe tokens, and the layer inputs
-    seen (per probe, per layer). With ``replay`` each layer is fed those inputs instead of its own, so a
-    layer is measured on the base's hidden states and a louder earlier layer does not make a later one look off.
-    """
-    model = load_causal_lm(folder, device)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise RecipeError(f"{folder}: residual norm calibration needs a decoder with model.layers; set "
-                          "calibrate: false")
-    squares = [0.0] * len(layers)
-    seen: list[list[torch.Tensor]] = []
-
-    def before(index: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if replay is not None:
-                hidden = replay[len(seen) - 1][index].to(hidden)
-                args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-            seen[-1].append(hidden)
-            return args, kwargs
-        return hook
-
-    def after(index: int):
-        def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            squares[index] += float((out - seen[-1][index]).double().square().sum())
-        return hook
-
-    handles = [h for i, layer in enumerate(layers) for h in (
-        layer.register_forward_pre_hook(before(i), with_kwargs=True),
-        layer.register_forward_hook(after(i), with_kwargs=True))]
-    try:
-        with torch.no_grad():
-            for row in tokens:
-                seen.append([])
-                model(input_ids=row[None].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [value ** 0.5 for value in squares], seen
-
-
-def calibrate(plan, folder: Path, options) -> ModelPass:
-    """Residual norm calibration (Algorithm 1, step 5): rescale the residual writers of any layer whose update
-    norm on random probes is off from the base's by more than ``epsilon`` (relative)."""
-    params = plan.jobs[0].params
-    if not params["calibrate"]:
-        return ModelPass(record={"calibrated_layers": []})
-    base_reader = plan.readers[plan.jobs[0].base.model]
-    probes = random_tokens(replace(_settings(params), seed=params["fisher_seed"] + 1),
-                           vocab_size(base_reader.config, base_reader.folder))
-    base_norms, base_inputs = layer_update_norms(base_reader.folder, probes, options.device)
-    merged_norms, _ = layer_update_norms(folder, probes, options.device, replay=base_inputs)
-    ratios = [m / b if b > 0 else 1.0 for m, b in zip(merged_norms, base_norms)]
-    off = [lay for lay, ratio in enumerate(ratios) if ratio > 0 and abs(ratio - 1.0) > params["epsilon"]]
-    scales = {job.name: 1.0 / ratios[job.info.layer] for job in plan.jobs
-              if job.info.layer in off and job.info.kind in RESIDUAL_WRITERS}
-    return ModelPass(scales=scales, record={"norm_ratio": ratios, "calibrated_layers": off,
-                                            "epsilon": params["epsilon"]})
 
 
 def plot_alphas(record: dict[str, Any], path: str | Path) -> Path:
@@ -263,7 +203,8 @@ def plot_alphas(record: dict[str, Any], path: str | Path) -> Path:
 CITATION = "FIM-Merging (data-free Fisher layer coefficients), Algorithm 1, Appendix B"
 SPECS = (
     MethodSpec(name="fim_ta", fn=fim_ta, params=FIM_TA_PARAMS, citation=CITATION, base="required",
-               elementwise=True, prepare=prepare, finish=calibrate),
+               elementwise=True, prepare=partial(prepare, method="fim_ta", elementwise_fisher=False),
+               finish=calibrate),
     MethodSpec(name="fim_ties", fn=fim_ties, params=FIM_TIES_PARAMS, citation=CITATION, base="required",
-               prepare=prepare, finish=calibrate),
+               prepare=partial(prepare, method="fim_ties", elementwise_fisher=True), finish=calibrate),
 )

@@ -1,11 +1,13 @@
-"""Linear weight averaging (Model Soups, Wortsman et al. 2022): ``θ = Σ_i w_i θ_i`` / ``Σ_i w_i``."""
+"""Linear weight averaging (Model Soups, [Wortsman2022]): ``θ = Σ_i w_i θ_i`` / ``Σ_i w_i``."""
 
 from __future__ import annotations
 
 import torch
 
-from mergelab.errors import RecipeError
 from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
+from mergelab.methods.weights import ZERO_SUM, weight_sum_check, zero_sum_error
+
+REMEDY = "change the weights or set normalize: false"
 
 
 def linear(call: MethodCall) -> torch.Tensor:
@@ -15,9 +17,8 @@ def linear(call: MethodCall) -> torch.Tensor:
     if not call.params["normalize"]:
         return total
     divisor = weights.sum()
-    if divisor.abs() < 1e-12:
-        raise RecipeError(f"{call.info.name}: linear weights sum to zero, so they cannot be normalised; "
-                          "change the weights or set normalize: false")
+    if divisor.abs() < ZERO_SUM:
+        raise zero_sum_error(call.info.name, "linear", REMEDY)
     return total / divisor
 
 
@@ -30,5 +31,6 @@ SPECS = (
         citation="Wortsman et al. 2022, Model soups",
         base="ignored",
         elementwise=True,
+        check_params=weight_sum_check("linear", "normalize", REMEDY),
     ),
 )

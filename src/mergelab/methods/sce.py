@@ -1,4 +1,4 @@
-"""SCE: Select, Calculate, Erase (Wan et al. 2024, FuseChat, sec. 3.3), for task vectors ``δ_i = θ_i − θ_0``.
+"""SCE: Select, Calculate, Erase ([Wan2024] FuseChat, sec. 3.3), for task vectors ``δ_i = θ_i − θ_0``.
 
 1. Select: keep the ``select_topk`` fraction of entries (of those whose variance is not zero) with the largest
    variance across the models' task vectors.

@@ -1,4 +1,4 @@
-"""SCF-RKL and SCF-KL: sparse complementary fusion (Lin et al. 2026, sec. 2 and Algorithm 1).
+"""SCF-RKL and SCF-KL: sparse complementary fusion ([Lin2026], sec. 2 and Algorithm 1).
 
 Per tensor, with base ``θ_b`` and secondary ``θ_s``:
 
@@ -56,6 +56,17 @@ MULTI_EXPERT = Param("multi_expert", str, default="max_saliency", choices=MULTI_
 PARAMS = (ALPHA, Q_LOW, Q_HIGH, Q_CENTER, EPSILON, QUANTILE_METHOD, MULTI_EXPERT)
 
 
+def check_thresholds(params: dict, where: str) -> None:
+    """The threshold settings checked together (the spec's ``check_params``, run while planning)."""
+    if not 0.0 <= params["q_low"] <= params["q_center"] <= params["q_high"] <= 1.0:
+        raise RecipeError(f"{where}: SCF needs 0 <= q_low <= q_center <= q_high <= 1, got q_low="
+                          f"{params['q_low']}, q_center={params['q_center']}, q_high={params['q_high']}; "
+                          "reorder these parameters")
+    if not math.isfinite(params["alpha"]):
+        raise RecipeError(f"{where}: SCF parameter alpha must be a finite number, got "
+                          f"{params['alpha']}; set alpha to a number such as 1.5")
+
+
 @dataclass(frozen=True)
 class Thresholding:
     """The threshold settings of Algorithm 1, checked together."""
@@ -69,15 +80,8 @@ class Thresholding:
     @classmethod
     def from_call(cls, call: MethodCall) -> Thresholding:
         p = call.params
-        settings = cls(p["alpha"], p["q_low"], p["q_center"], p["q_high"], p["quantile_method"])
-        if not 0.0 <= settings.q_low <= settings.q_center <= settings.q_high <= 1.0:
-            raise RecipeError(f"{call.info.name}: SCF needs 0 <= q_low <= q_center <= q_high <= 1, got q_low="
-                              f"{settings.q_low}, q_center={settings.q_center}, q_high={settings.q_high}; "
-                              "reorder these parameters")
-        if not math.isfinite(settings.alpha):
-            raise RecipeError(f"{call.info.name}: SCF parameter alpha must be a finite number, got "
-                              f"{settings.alpha}; set alpha to a number such as 1.5")
-        return settings
+        check_thresholds(p, call.info.name)
+        return cls(p["alpha"], p["q_low"], p["q_center"], p["q_high"], p["quantile_method"])
 
     def threshold(self, saliency: torch.Tensor) -> float:
         """``τ = quantile(I, q_center) + α (quantile(I, q_high) − quantile(I, q_low))``, in float64."""
@@ -169,11 +173,12 @@ def scf_kl(call: MethodCall) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 SPECS = (
-    MethodSpec(name="scf_rkl", fn=scf_rkl, params=PARAMS, citation=CITATION, max_experts=MAX_EXPERTS),
+    MethodSpec(name="scf_rkl", fn=scf_rkl, params=PARAMS, citation=CITATION, max_experts=MAX_EXPERTS,
+               check_params=check_thresholds),
     MethodSpec(name="scf_kl", fn=scf_kl, params=PARAMS, citation=CITATION + " (forward-KL ablation, Table 10)",
-               max_experts=MAX_EXPERTS),
+               max_experts=MAX_EXPERTS, check_params=check_thresholds),
     MethodSpec(name="arcee_fusion", fn=scf_kl, params=(ALPHA, Q_LOW, Q_HIGH, Q_CENTER, EPSILON),
                citation="mergekit's arcee_fusion: " + CITATION + " (forward KL, lower quantiles)",
-               max_experts=1, aliases_of="scf_kl",
+               max_experts=1, aliases_of="scf_kl", check_params=check_thresholds,
                fixed={"quantile_method": "lower", "multi_expert": "max_saliency"}),
 )

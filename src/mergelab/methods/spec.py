@@ -14,35 +14,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-# Module kinds that a tensor-name layout assigns (see checkpoint/layout.py).
-MODULE_KINDS = (
-    "embedding",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_o",
-    "mlp_gate",
-    "mlp_up",
-    "mlp_down",
-    "norm",
-    "head",
-    "other",
-)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Which tensor a method is merging: its name, transformer layer (None outside the layer stack), kind."""
-
-    name: str
-    layer: int | None
-    kind: str
-    num_layers: int
-
-    @property
-    def is_matrix_in_layer(self) -> bool:
-        """A 2-D projection inside the layer stack: what the SVD methods operate on."""
-        return self.layer is not None and self.kind not in ("norm", "embedding", "head", "other")
+from mergelab.checkpoint.layout import TensorInfo
 
 
 @dataclass
@@ -50,6 +22,8 @@ class MethodCall:
     """Everything a method may look at for one tensor.
 
     ``base`` and ``experts`` are already on the compute device in the compute dtype (float32 or float64).
+    ``params`` are the recipe's parameters resolved for this tensor (the plan's, never changed); ``extras`` what
+    the method's ``prepare`` pass computed for this tensor (``ModelPass.extras``), empty without one.
     ``generator`` is seeded from the recipe seed and the tensor name, so random methods are reproducible
     whatever order tensors are computed in.
     """
@@ -59,6 +33,7 @@ class MethodCall:
     info: TensorInfo
     params: dict[str, Any]
     generator: torch.Generator | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,13 +141,14 @@ class TwoPass:
 class ModelPass:
     """What a model-level pass gives the engine.
 
-    ``prepare(plan, options)`` runs before streaming; its ``params`` (tensor name -> extra parameters) are merged
-    into each tensor's ``MethodCall.params``. ``finish(plan, folder, options)`` runs once every tensor is written
-    to ``folder`` (a complete model folder, not yet renamed into place); its ``scales`` (tensor name -> factor)
-    are applied to the written tensors. ``record`` goes to ``mergelab.json`` under the pass's name.
+    ``prepare(context)`` runs before streaming, with a ``methods.context.ModelContext``; its ``extras``
+    (tensor name -> values) reach each tensor's ``MethodCall.extras``. ``finish(context)`` runs once every tensor
+    is written, with ``context.merged`` the complete output folder (not yet renamed into place); its ``scales``
+    (tensor name -> factor) are applied to the written tensors by the writer (``rescale_shards``). ``record``
+    goes to ``mergelab.json`` under the pass's name.
     """
 
-    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +165,10 @@ class MethodSpec:
     large tensor in row blocks, streaming them once per statistics pass and once more to compute the output.
     ``prepare``/``finish``: optional model-level passes (``ModelPass``) before and after streaming
     (FIM-Merging's Fisher, residual norm calibration); the per-tensor function stays pure.
+    ``check_params(params, where)``: the checks that involve several parameters together (DELLA's
+    density ± epsilon, SCF's quantile order); the planner runs it once on each distinct set of resolved
+    parameters, so a bad combination is refused before anything is written. It raises ``RecipeError`` naming
+    ``where`` (a tensor that has these parameters).
     """
 
     name: str
@@ -203,6 +183,7 @@ class MethodSpec:
     two_pass: TwoPass | None = None
     prepare: Callable[..., ModelPass] | None = None
     finish: Callable[..., ModelPass] | None = None
+    check_params: Callable[[dict[str, Any], str], None] | None = None
     aliases_of: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
 
@@ -219,13 +200,14 @@ class MethodSpec:
     def call_with(self, base: torch.Tensor | None, experts: list[torch.Tensor], info: TensorInfo,
                   generator: torch.Generator | None = None, **values: Any) -> MethodCall:
         """A ``MethodCall`` with plain values: defaults for what is not given, a scalar given for a per-model
-        parameter repeated for every expert, other values (what a ``prepare`` pass would add) passed through;
+        parameter repeated for every expert, other values (what a ``prepare`` pass would add) as ``extras``;
         for using a method on tensors directly, as the tests do."""
-        params = {**self.fixed, **{k: v for k, v in values.items() if k not in self.param_names}}
+        params = dict(self.fixed)
         for p in self.params:
             value = values.get(p.name, p.default)
             params[p.name] = value if not p.per_model or isinstance(value, list) else [value] * len(experts)
-        return MethodCall(base, experts, info, params, generator)
+        extras = {k: v for k, v in values.items() if k not in self.param_names}
+        return MethodCall(base, experts, info, params, generator, extras)
 
 
 def weight_param(default: float | None = 1.0, required: bool = False) -> Param:

@@ -1,7 +1,7 @@
 """Subspace merges: TSV-Merge, Iso-C, Iso-CTS and Subspace Boosting after Task Arithmetic or TIES.
 
-Equations are those of the in-the-wild merging study (``003`` in the papers folder), section 4.1; Iso-CTS
-follows Marczak et al. 2025 ("No Task Left Behind", sec. 4.2). Task vectors are ``δ_i = θ_i − θ_0``, scaled
+Equations are those of [InTheWild] (docs/PAPERS.md), section 4.1; Iso-CTS
+follows [Marczak2025] ("No Task Left Behind", sec. 4.2). Task vectors are ``δ_i = θ_i − θ_0``, scaled
 by the per-model ``weight`` α_i (1 by default, as in the study). The result is ``θ_0 + λ Δ``.
 
 Rule for tensors that are not 2-D matrices in the layer stack (embeddings, output head, norms, biases, other
@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 
-from mergelab.methods.geometry import normalised_weights
 from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
 from mergelab.methods.task_arithmetic import (
     LAMBDA,
@@ -25,6 +24,7 @@ from mergelab.methods.task_arithmetic import (
     task_arithmetic_update,
     ties_update,
 )
+from mergelab.methods.weights import normalised_weights
 from mergelab.ops.spectral import isotropic, polar_factor, subspace_boost, top_components
 
 BETA = Param("beta", float, default=0.2, low=0.0, high=1.0,
@@ -52,7 +52,7 @@ def _mean_rule(call: MethodCall) -> tuple[torch.Tensor, Stats]:
 
 
 def tsv(call: MethodCall) -> tuple[torch.Tensor, Stats]:
-    """TSV-Merge (Gargiulo et al. 2025; study eq. 5-8) of one matrix.
+    """TSV-Merge ([Gargiulo2025]; [InTheWild] eq. 5-8) of one matrix.
 
     Each task vector keeps its top ``floor(r / T)`` singular triplets (r = min(m, n), T tasks; at least one,
     so with more tasks than r the orthogonalised bases have orthonormal rows rather than columns). The kept
@@ -72,7 +72,7 @@ def tsv(call: MethodCall) -> tuple[torch.Tensor, Stats]:
 
 
 def iso_c(call: MethodCall) -> tuple[torch.Tensor, Stats]:
-    """Iso-C (Marczak et al. 2025; study eq. 9-10): the summed task vector ``Σ_i α_i δ_i`` with every singular
+    """Iso-C ([Marczak2025]; [InTheWild] eq. 9-10): the summed task vector ``Σ_i α_i δ_i`` with every singular
     value replaced by their mean, ``Δ = σ̄ U V^T``."""
     if not uses_spectrum(call):
         return _mean_rule(call)
@@ -91,7 +91,7 @@ def iso_cts_dimensions(rank: int, tasks: int, common_fraction: float) -> tuple[i
 
 
 def iso_cts(call: MethodCall) -> tuple[torch.Tensor, Stats]:
-    """Iso-CTS (Marczak et al. 2025, Algorithm 1) of one matrix.
+    """Iso-CTS ([Marczak2025], Algorithm 1) of one matrix.
 
     The common subspace is the top ``k`` singular triplets of the summed task vector ``Σ_i α_i δ_i``. Each
     task vector, with the common left subspace projected out (``(I − U_k U_k^T) α_i δ_i``), contributes its
@@ -130,7 +130,7 @@ def _boosted(name: str, update_fn: Callable[[MethodCall], torch.Tensor]) -> Call
         return call.base + call.params["lambda"] * update, stats
 
     merge.__name__ = name
-    merge.__doc__ = (f"{name}: ``θ_0 + λ boost(Δ)`` (study eq. 11) with ``Δ`` from ``{update_fn.__name__}``"
+    merge.__doc__ = (f"{name}: ``θ_0 + λ boost(Δ)`` ([InTheWild] eq. 11) with ``Δ`` from ``{update_fn.__name__}``"
                      " and ``boost`` = ``ops.spectral.subspace_boost`` on 2-D matrices of the layer stack.")
     return merge
 

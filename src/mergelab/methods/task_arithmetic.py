@@ -1,12 +1,12 @@
 """The task-arithmetic family as one composition: sparsifier x sign election x normalisation.
 
-With task vectors ``δ_i = θ_i − θ_0`` (in-the-wild study, eq. 1) every method here computes
-``θ = θ_0 + λ Δ`` where ``Δ = Σ_i w_i m_i s(δ_i)`` (eq. 2), optionally divided by ``Σ_i w_i m_i`` (eq. 12,
+With task vectors ``δ_i = θ_i − θ_0`` ([InTheWild] eq. 1) every method here computes
+``θ = θ_0 + λ Δ`` where ``Δ = Σ_i w_i m_i s(δ_i)`` ([InTheWild] eq. 2), optionally divided by ``Σ_i w_i m_i`` (eq. 12,
 ``normalize``), with ``s`` a sparsifier (TIES trim, DARE drop, DELLA MagPrune, Breadcrumbs) and ``m_i`` the TIES
 sign-agreement mask (eq. 3) where the method elects signs.
 
 Deliberate difference from mergekit (its issue 474): TIES-style methods elect the sign on the *unweighted*
-trimmed task vectors, as the TIES paper does; ``vote: weighted`` elects on ``w_i δ_i`` as mergekit does. With
+trimmed task vectors, as [Yadav2023] does; ``vote: weighted`` elects on ``w_i δ_i`` as mergekit does. With
 equal weights the two agree.
 
 Every member is a ``TwoPass`` method: its per-tensor statistics (the trim threshold of TIES and Breadcrumbs,
@@ -87,6 +87,15 @@ class Family:
         return tuple(params)
 
 
+def check_keep_range(params: dict[str, Any], where: str) -> None:
+    """DELLA's keep probabilities ``density ± epsilon`` must lie inside (0, 1) for every expert that drops
+    entries (density below 1); the spec's ``check_params``, run while planning."""
+    for density, epsilon in zip(params["density"], params["epsilon"]):
+        if density < 1.0 and (density - epsilon <= 0 or density + epsilon >= 1):
+            raise RecipeError(f"{where}: DELLA needs density ± epsilon inside (0, 1), got density "
+                              f"{density} and epsilon {epsilon}; lower epsilon")
+
+
 class _Statistics:
     """One tensor's statistics for a family member (its ``TwoPass`` state).
 
@@ -109,11 +118,8 @@ class _Statistics:
         elif family.sparsifier == "outliers":
             self.windows = {i: outlier_window(numel, params["density"][i], params["gamma"][i]) for i in sparse}
         self.drawing = sparse if family.sparsifier in ("random", "magprune") else []
-        for i in self.drawing if family.sparsifier == "magprune" else []:
-            density, epsilon = params["density"][i], params["epsilon"][i]
-            if density - epsilon <= 0 or density + epsilon >= 1:
-                raise RecipeError(f"{info.name}: DELLA needs density ± epsilon inside (0, 1), got density "
-                                  f"{density} and epsilon {epsilon}; lower epsilon")
+        if family.sparsifier == "magprune":
+            check_keep_range(params, info.name)
         self.l1 = bool(self.drawing) and params["rescale"] and params["rescale_mode"] == "l1"
         self.generator = generator
         self.starts = {self.drawing[0]: generator.get_state()} if self.drawing else {}
@@ -237,7 +243,8 @@ def _spec(family: Family) -> MethodSpec:
     two_pass = _two_pass(family, _merged)
     return MethodSpec(name=family.name, fn=two_pass.whole, params=family.params, citation=family.citation,
                       base="required", random=family.sparsifier in ("random", "magprune"),
-                      elementwise=family.sparsifier is None and not family.elect, two_pass=two_pass)
+                      elementwise=family.sparsifier is None and not family.elect, two_pass=two_pass,
+                      check_params=check_keep_range if family.sparsifier == "magprune" else None)
 
 
 SPECS = tuple(_spec(f) for f in FAMILY)

@@ -1,4 +1,4 @@
-"""Sign election and disjoint merging of task vectors (TIES-Merging, Yadav et al. 2023, sec. 3).
+"""Sign election and disjoint merging of task vectors (TIES-Merging, [Yadav2023] sec. 3).
 
 ``deltas`` is a sequence of same-shape task vectors (a list, or a stacked tensor iterated along its first
 dimension). Both functions walk the sequence with running sums, so memory stays at a few tensors whatever the

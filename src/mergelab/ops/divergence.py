@@ -1,6 +1,6 @@
 """Per-row Kullback-Leibler divergence between the softmax distributions of two weight tensors.
 
-SCF-RKL (Lin et al. 2026, sec. 2.2 and Algorithm 1) reads each row of a weight matrix (the last dimension;
+SCF-RKL ([Lin2026] sec. 2.2 and Algorithm 1) reads each row of a weight matrix (the last dimension;
 a 1-D tensor is one row) as a categorical distribution ``softmax(row) + ε`` and scores rows by the KL
 divergence between the base's and the secondary model's distribution.
 

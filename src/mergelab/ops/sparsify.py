@@ -206,7 +206,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def outlier_window(numel: int, density: float, gamma: float) -> RankWindow:
-    """Model Breadcrumbs (Davari & Belilovsky 2024, sec. 3): drop the ``gamma`` fraction of largest-magnitude
+    """Model Breadcrumbs ([Davari2024] sec. 3): drop the ``gamma`` fraction of largest-magnitude
     entries (outliers), then the smallest, so that a ``density`` fraction stays; ranks as a stable ascending
     sort gives them. If ``density + gamma > 1`` fewer outliers are dropped so that the density is still met."""
     if density >= 1.0:
@@ -217,13 +217,13 @@ def outlier_window(numel: int, density: float, gamma: float) -> RankWindow:
 
 
 def bernoulli_mask(delta: torch.Tensor, keep_prob: torch.Tensor | float, generator: torch.Generator) -> torch.Tensor:
-    """Random mask keeping each entry independently with probability ``keep_prob`` (DARE, Yu et al. 2024)."""
+    """Random mask keeping each entry independently with probability ``keep_prob`` (DARE, [Yu2024])."""
     probs = torch.as_tensor(keep_prob, dtype=delta.dtype, device=delta.device).expand(delta.shape)
     return torch.bernoulli(probs, generator=generator).to(torch.bool)
 
 
 def magprune_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA MagPrune keep probabilities (Deep et al. 2024, eq. 1-2): within each row, entries ranked by
+    """DELLA MagPrune keep probabilities ([Deep2024] eq. 1-2): within each row, entries ranked by
     magnitude get probabilities spread linearly over ``[density - epsilon, density + epsilon]``, larger
     magnitude kept more often. A 1-D tensor is one row.
     """

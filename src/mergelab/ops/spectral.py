@@ -1,6 +1,6 @@
 """SVD kernels shared by the subspace merge methods (TSV-Merge, Iso-C, Iso-CTS, Subspace Boosting).
 
-Equations refer to the in-the-wild merging study (``003`` in the papers folder), section 4.1. Every function
+Equations refer to [InTheWild] (docs/PAPERS.md), section 4.1. Every function
 takes and returns plain matrices and knows nothing about models. SVDs run on the matrix's own device (CPU or
 CUDA) in float32, or in float64 when the input is float64; results come back in the input dtype.
 """
@@ -70,7 +70,7 @@ def boost_cutoff(values: torch.Tensor, beta: float) -> int:
 
 
 def subspace_boost(matrix: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Subspace Boosting (Skorobogat et al. 2025; study eq. 11): singular values after the cutoff ``j*``
+    """Subspace Boosting ([Skorobogat2025]; [InTheWild] eq. 11): singular values after the cutoff ``j*``
     (see ``boost_cutoff``) are raised to ``σ_{j*}``; the singular vectors are kept.
 
     Returns the boosted matrix and statistics: the cutoff as a fraction of the rank, the cutoff value, and

@@ -31,7 +31,7 @@ from mergelab.study.report import render_table
 
 # protocol name -> module
 PROTOCOLS = {
-    "scf": "mergelab.study.scf",
+    "scf": "mergelab.study.scf_pairs",
     "karcher": "mergelab.study.karcher",
     "in-the-wild": "mergelab.study.in_the_wild",
     "long-to-short": "mergelab.study.long_to_short",

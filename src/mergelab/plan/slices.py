@@ -12,22 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergelab.checkpoint.layout import layer_index, num_layers, rename_layer, tensor_info
+from mergelab.checkpoint.layout import TensorInfo, layer_index, num_layers, rename_layer, tensor_info
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import OutputSlice, Recipe
 from mergelab.errors import RecipeError
-from mergelab.methods.spec import MethodSpec, TensorInfo
+from mergelab.methods.spec import MethodSpec
 from mergelab.params import validate_scope
-from mergelab.plan import (
-    MergePlan,
-    Source,
-    TensorJob,
-    input_name,
-    output_dtype,
-    resolve_params,
-    tokenizer_folder,
-    vocab_rows,
-)
+from mergelab.plan.data import MergePlan, Source, TensorJob
+from mergelab.plan.sources import expert_count_ok, finish_plan, input_name, resolve_params, vocab_rows
 
 
 def _check_slice(index: int, out_slice: OutputSlice, spec: MethodSpec, readers: dict[str, ModelReader],
@@ -54,7 +46,7 @@ def _check_slice(index: int, out_slice: OutputSlice, spec: MethodSpec, readers: 
     if spec.base == "required" and base not in seen:
         raise RecipeError(f"{where}: method '{spec.name}' needs the base model {base} among the slice's sources")
     n_experts = len(out_slice.sources) - (1 if spec.base != "ignored" and base in seen else 0)
-    if n_experts < spec.min_experts or (spec.max_experts is not None and n_experts > spec.max_experts):
+    if not expert_count_ok(spec, n_experts):
         raise RecipeError(f"{where}: method '{spec.name}' cannot merge {n_experts} source(s) besides the base")
     return lengths.pop()
 
@@ -93,7 +85,8 @@ def _remap_config(config: dict[str, Any], layer_sources: list[tuple[str, int]], 
     return config
 
 
-def plan_slices(recipe: Recipe, spec: MethodSpec, readers: dict[str, ModelReader], *, strict: bool) -> MergePlan:
+def plan_slices(recipe: Recipe, spec: MethodSpec, readers: dict[str, ModelReader], *, strict: bool,
+                shard_size: int) -> MergePlan:
     """Resolve a ``slices:`` recipe into output tensor jobs in write order (pre, layers, post)."""
     slices = recipe.slices or []
     bases = [s.base_model or recipe.base_model for s in slices]
@@ -132,5 +125,4 @@ def plan_slices(recipe: Recipe, spec: MethodSpec, readers: dict[str, ModelReader
             out_layer += 1
     outside_jobs([n for n in outside if n not in pre], slices[-1], bases[-1])
     config = _remap_config(ref_reader.config, layer_sources, readers)
-    return MergePlan(recipe, spec, readers, first_ref, jobs, output_dtype(recipe, ref_reader), config,
-                     tokenizer_folder(recipe, readers, first_ref), warnings)
+    return finish_plan(recipe, spec, readers, first_ref, jobs, config, warnings, shard_size)
