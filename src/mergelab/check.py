@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mergelab.checkpoint.dtypes import dtype_name
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import Recipe
 from mergelab.errors import MergelabError
@@ -82,10 +83,7 @@ def task_vector_similarity(plan: MergePlan) -> dict[str, Any]:
         base = plan.readers[job.base.model].get(job.base.name).double()
         deltas = []
         for source in job.experts:
-            tensor = plan.readers[source.model].get(source.name)
-            if source.rows is not None:
-                tensor = tensor[: source.rows]
-            deltas.append((tensor.double() - base).reshape(-1))
+            deltas.append((source.read(plan.readers).double() - base).reshape(-1))
         stacked = torch.stack(deltas)
         sums[group] += stacked @ stacked.T
         sums["all"] += stacked @ stacked.T
@@ -116,7 +114,7 @@ def peak_memory_bytes(plan: MergePlan, options: MergeOptions | None = None) -> i
         tiled, lanes, blocks = run.tiled, run.lanes, run.blocks
         rows = shape[0] if blocks is None else max(stop - start for start, stop in blocks)
         numel = rows * torch.Size(shape[1:]).numel()
-        sources = ([job.base] if job.base else []) + job.experts
+        sources = job.sources
         input_bytes = numel * sum(torch.tensor([], dtype=plan.readers[s.model].dtype(s.name)).element_size()
                                   for s in sources)
         work = (min(numel, options.tile_elements) if tiled else numel) * work_size * (len(sources) + 1)
@@ -129,7 +127,7 @@ def check(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = Fal
           similarity: bool = True) -> CheckReport:
     report = CheckReport()
     for name, reader in readers.items():
-        dtypes = sorted({str(reader.dtype(t)).removeprefix("torch.") for t in reader.names})
+        dtypes = sorted({dtype_name(reader.dtype(t)) for t in reader.names})
         report.notes.append(f"{name}: {reader.model_type or 'unknown model_type'}, {len(reader.names)} tensors, "
                             f"dtype {', '.join(dtypes)}")
     try:

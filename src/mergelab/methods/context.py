@@ -42,8 +42,7 @@ class ModelContext:
 
     def read(self, source: Source) -> torch.Tensor:
         """One input tensor as the merge reads it (leading rows only, by the vocabulary rule)."""
-        tensor = self.readers[source.model].get(source.name)
-        return tensor if source.rows is None else tensor[: source.rows]
+        return source.read(self.readers)
 
     def fisher(self, model: str, settings: FisherSettings) -> DiagonalFisher:
         """The random-token diagonal Fisher of one input model (cached on disk, ``mergelab.fisher``)."""

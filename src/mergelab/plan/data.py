@@ -30,6 +30,11 @@ class Source:
     name: str
     rows: int | None = None
 
+    def read(self, readers: dict[str, ModelReader]) -> torch.Tensor:
+        """The whole input tensor as the merge reads it: its leading ``rows`` only, by the vocabulary rule."""
+        tensor = readers[self.model].get(self.name)
+        return tensor if self.rows is None else tensor[: self.rows]
+
 
 @dataclass(frozen=True)
 class TensorJob:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mergelab.checkpoint.dtypes import dtype_name
 from mergelab.plan.data import MergePlan
 
 
@@ -15,7 +16,7 @@ def describe(plan: MergePlan) -> str:
         groups.setdefault(key, []).append(job.name)
     lines = [f"method: {plan.method.name} ({plan.method.citation})",
              f"base: {plan.recipe.base_model or '(none)'}; reference for shapes and config: {plan.reference}",
-             f"output: {len(plan.jobs)} tensors, {plan.output_bytes / 1e9:.3f} GB as {str(plan.out_dtype)[6:]}"]
+             f"output: {len(plan.jobs)} tensors, {plan.output_bytes / 1e9:.3f} GB as {dtype_name(plan.out_dtype)}"]
     for key, names in groups.items():
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} tensors)" if len(names) > 4 else "")
         lines.append(f"- {key or '(no parameters)'}\n    {shown}")

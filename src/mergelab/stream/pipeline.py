@@ -32,13 +32,10 @@ def read_piece(run: Run, piece: Piece) -> list[torch.Tensor]:
     ``piece.check`` (here, on the reading threads, which are idle most of the time, rather than while computing)."""
     tensors = []
     for source in piece.job.sources:
-        reader = run.plan.readers[source.model]
         if piece.whole:
-            tensor = reader.get(source.name)
-            if source.rows is not None:
-                tensor = tensor[: source.rows]
+            tensor = source.read(run.plan.readers)
         else:
-            tensor = reader.get(source.name, (piece.start, piece.stop))
+            tensor = run.plan.readers[source.model].get(source.name, (piece.start, piece.stop))
         if piece.check and not (all_finite([tensor]) or bool(torch.isfinite(tensor).all())):
             raise CheckpointError(f"{source.model}: tensor '{source.name}' contains NaN or Inf values; repair or "
                                   "exclude this model")
