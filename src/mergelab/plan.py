@@ -69,11 +69,10 @@ class MergePlan:
 
 
 def resolve_model_path(ref: str, recipe_dir: Path | None) -> str:
-    """A recipe's model reference as a path: as given, or relative to the recipe's folder."""
-    path = Path(ref).expanduser()
-    if not path.exists() and recipe_dir is not None and (recipe_dir / path).exists():
-        path = recipe_dir / path
-    return str(path)
+    """A recipe's model reference as a path, by the rule of ``mergelab.model_refs`` (recipe folder or cwd)."""
+    from mergelab.model_refs import resolve_model_ref
+
+    return str(resolve_model_ref(ref, recipe_dir))
 
 
 def method_spec(name: str) -> MethodSpec:
