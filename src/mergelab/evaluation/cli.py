@@ -88,7 +88,6 @@ def _vision(args: argparse.Namespace) -> dict:
 def handler(args: argparse.Namespace) -> int:
     from mergelab.evaluation import lm_eval_bridge  # heavy imports here, so `mergelab --help` stays quick
     from mergelab.evaluation.runner import format_table
-
     from mergelab.model_refs import resolve_model_ref
 
     resolve_model_ref(str(args.model), None)  # a missing folder, an adapter, a GGUF file or a Hub id: say so
