@@ -346,7 +346,8 @@ def train(
     freeze_embeddings: bool = False,
 ) -> float:
     """AdamW with a linear warm-up, then ``schedule``: "cosine" decay to 10 % or "constant"; returns the mean
-    loss over the last tenth of steps (logged at INFO as ``desc``). ``freeze_embeddings`` trains all but the token embeddings and lm_head."""
+    loss over the last tenth of steps (logged at INFO as ``desc``). ``freeze_embeddings`` trains all but the
+    token embeddings and lm_head."""
     model.to(device).train()
     frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     params = [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
