@@ -9,6 +9,7 @@ accepted before or after the command name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -57,7 +58,10 @@ def _merge_options(args: argparse.Namespace):
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.config import load_recipe
+    from mergelab.errors import RecipeError
 
+    if args.out_dir is None and not args.print_plan:
+        raise RecipeError("name the output folder (OUT_DIR) after the recipe, or pass --print-plan")
     recipe = load_recipe(args.recipe)
     log.info("recipe %s: %s of %d model(s)", args.recipe, recipe.merge_method, len(recipe.model_paths()))
     recipe_dir = Path(args.recipe).parent
@@ -65,18 +69,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from mergelab.engine import open_inputs
         from mergelab.plan import build_plan, describe
 
-        readers = open_inputs(recipe, recipe_dir, args.allow_pickle)
-        print(describe(build_plan(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed)))
+        with naming_the_recipe(args.recipe):
+            readers = open_inputs(recipe, recipe_dir, args.allow_pickle)
+            print(describe(build_plan(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed)))
         return 0
-    if args.out_dir is None:
-        raise SystemExit("mergelab merge: OUT_DIR is required unless --print-plan is given")
     from mergelab.engine import run_merge
 
     started = time.perf_counter()
-    out = run_merge(recipe, args.out_dir, _merge_options(args), recipe_dir)
+    with naming_the_recipe(args.recipe):
+        out = run_merge(recipe, args.out_dir, _merge_options(args), recipe_dir)
     log_merge_record(out, time.perf_counter() - started)
     print(f"merged model written to {out}")
     return 0
+
+
+@contextlib.contextmanager
+def naming_the_recipe(path: str):
+    """Prefix a recipe error raised while planning (unknown method or parameter) with the recipe file."""
+    from mergelab.errors import RecipeError
+
+    try:
+        yield
+    except RecipeError as error:
+        if str(path) in str(error):
+            raise
+        raise RecipeError(f"{path}: {error}") from None
 
 
 def log_merge_record(out: Path, seconds: float) -> None:
@@ -101,9 +118,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.recipe)
-        readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
-        report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
-                       similarity=not args.no_similarity)
+        with naming_the_recipe(args.recipe):
+            readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
+            report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
+                           similarity=not args.no_similarity)
     except MergelabError as error:
         report = CheckReport(problems=[str(error)])
     print(format_report(report))
@@ -156,6 +174,13 @@ def register_merge(subparsers) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a one-line usage error (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 class ExamplesFormatter(argparse.HelpFormatter):
     """argparse's layout, except that the examples epilog keeps its lines."""
 
@@ -193,7 +218,7 @@ def _all_subparsers(parser: argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from mergelab import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mergelab", description="Merge fine-tuned models in weight space and measure whether the merge is "
         "better, stable and safe.",
         **examples("mergelab zoo build tiny-lm --size test   # offline models to try things on",

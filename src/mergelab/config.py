@@ -123,12 +123,14 @@ _KEYS_BY_MODEL = {
 
 def _explain(error: ValidationError, source: str) -> RecipeError:
     """One sentence for the first validation problem, with the closest valid key for unknown ones."""
-    first = error.errors()[0]
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a misspelt key, then missing
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[", "union[")))
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
         owner = _owner_of(first["loc"])
-        return RecipeError(f"{source}: unknown key '{key}' at {loc or 'top level'}"
+        where = ".".join(str(p) for p in first["loc"][:-1]) or "the top level"
+        return RecipeError(f"{source}: unknown key '{key}' at {where}"
                            f"{closest(key, list(owner.model_fields))}; remove or rename it")
     if first["type"] == "missing":
         return RecipeError(f"{source}: required key '{loc}' is missing; add it")

@@ -57,10 +57,10 @@ def check_model_folder(path: Path) -> None:
 
 def missing_model_message(ref: str, looked_in: list[Path]) -> str:
     """The sentence for a model reference that names nothing on disk (a Hub id gets its own advice)."""
-    if looks_like_hub_id(ref):
+    if looks_like_hub_id(ref) and not any(path.parent.is_dir() for path in looked_in):  # no local 'org/' folder
         return hub_id_advice(ref)
-    places = " or ".join(str(p) for p in looked_in)
-    return f"model folder '{ref}' does not exist (looked for {places}); check the path"
+    places = f" (looked for {' and '.join(str(p) for p in looked_in)})" if len(looked_in) > 1 else ""
+    return f"model folder '{ref}' does not exist{places}; check the path"
 
 
 def looks_like_hub_id(ref: str) -> bool:
