@@ -105,7 +105,8 @@ def build_world(root: Path) -> None:
     }
     for name, recipe in recipes.items():
         write_recipe(root / name, recipe)
-    (root / "broken.yml").write_text("merge_method: linear\nmodels:\n  - model: models/base\n  model: [models/expert0\n")
+    broken = "merge_method: linear\nmodels:\n  - model: models/base\n  model: [models/expert0\n"
+    (root / "broken.yml").write_text(broken)  # the second entry lost its dash
     (root / "sub" / "models" / "base").mkdir(parents=True)  # also a 'models/base' beside sub/recipe.yml
     write_recipe(root / "sub" / "recipe.yml", ta("models/base", ["../models/expert0"]))
     adapter = root / "lora_adapter"
