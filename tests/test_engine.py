@@ -395,8 +395,8 @@ def test_output_inside_input_and_existing_output(fresh, tmp_path, capsys):
     assert main(["merge", str(path), str(tmp_path / "exists")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
-    assert main(["merge", str(path), str(tmp_path / "exists"), "--overwrite"]) == 0
-    assert not (tmp_path / "exists" / "keep.txt").exists()
+    assert main(["merge", str(path), str(tmp_path / "exists"), "--overwrite"]) == 2  # not a previous merge
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
 
 
 def test_pickles_refused_unless_allowed(fresh, tmp_path, capsys):
