@@ -175,7 +175,7 @@ def test_interrupted_merge_resumes_to_identical_output(family, tmp_path, monkeyp
     done = json.loads((partial / "progress.json").read_text())["shards"]
     assert done and not list(partial.glob("*.tmp"))
     monkeypatch.setattr(engine, "_compute", real_compute)
-    with pytest.raises(Exception, match="--resume"):
+    with pytest.raises(Exception, match="resume=True"):
         merge(recipe, tmp_path / "out", shard_size=20_000)
     damaged = partial / sorted(done)[0]  # a finished shard damaged while the merge was stopped is redone
     data = bytearray(damaged.read_bytes())
