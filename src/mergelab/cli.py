@@ -38,7 +38,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (e.g. 5G, 500M, 1000000)") from None
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     """A whole number of at least 1."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
@@ -168,7 +168,7 @@ def register_merge(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from OUT_DIR.partial")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe's)")
     p.add_argument("--read-ahead", type=int, default=2, help="output tensors whose inputs are read in advance")
-    p.add_argument("--compute-threads", type=_positive, default=None,
+    p.add_argument("--compute-threads", type=positive_int, default=None,
                    help="CPU: tensor pieces computed side by side (default: the cores, at most 4)")
     add_merge_flags(p)
     p.set_defaults(func=cmd_merge)

@@ -125,7 +125,7 @@ def check_folders(merged: str | Path, base: str | Path, experts: Sequence[str | 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``diagnose`` to the ``mergelab`` command's subparsers."""
-    from mergelab.cli import examples
+    from mergelab.cli import examples, positive_int
 
     p = subparsers.add_parser(
         "diagnose", help="weight- and function-space diagnostics of a merge",
@@ -142,7 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for diagnostics.json, plots and summary.md")
     p.add_argument("--no-weights", dest="weights", action="store_false", help="skip weight-space diagnostics")
     p.add_argument("--no-activations", dest="activations", action="store_false", help="skip function-space diagnostics")
-    p.add_argument("--k", type=int, default=16, help="dimension of the singular subspaces compared (default 16)")
+    p.add_argument("--k", type=positive_int, default=16,
+                   help="dimension of the singular subspaces compared (default 16)")
     p.add_argument(
         "--no-svd",
         dest="svd",
@@ -156,8 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="layers whose singular spectra are kept and plotted (default: the middle layer)",
     )
-    p.add_argument("--probes", type=int, default=8, help="number of probe sequences (default 8)")
-    p.add_argument("--probe-length", type=int, default=32, help="tokens per probe sequence (default 32)")
+    p.add_argument("--probes", type=positive_int, default=8, help="number of probe sequences (default 8)")
+    p.add_argument("--probe-length", type=positive_int, default=32, help="tokens per probe sequence (default 32)")
     p.add_argument("--probe-task", default=None, help="use this task's test prompts as probes instead of random tokens")
     p.add_argument(
         "--nl-layers",
@@ -168,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--block-task", default=None,
                    help=f"run layer blocking ({cite(SCF_RKL, 'appendix A.4')}) on this task")
-    p.add_argument("--block-items", type=int, default=20, help="task items per layer-blocking evaluation")
+    p.add_argument("--block-items", type=positive_int, default=20, help="task items per layer-blocking evaluation")
     p.add_argument("--block-layers", type=int, nargs="*", default=None, help="layers to block (default all)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random probes")

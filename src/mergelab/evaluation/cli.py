@@ -13,7 +13,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` to the ``mergelab`` command's subparsers."""
-    from mergelab.cli import examples
+    from mergelab.cli import examples, positive_int
     from mergelab.tasks import TASKS  # a table of names: no heavy imports
 
     p = subparsers.add_parser(
@@ -30,14 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=50, help="test items per task (default 50)")
     p.add_argument(
         "--samples",
-        type=int,
+        type=positive_int,
         default=1,
         help="sampled continuations per item for pass@k and self-consistency (default 1: greedy only)",
     )
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override each task's generation limit")
-    p.add_argument("--batch-size", type=int, default=16, help="generated rows per batch (default 16)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override each task's generation limit")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="generated rows per batch (default 16)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="task split (default test)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument(
