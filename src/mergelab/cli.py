@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("mergelab")
+
 # Sub-command modules that add themselves with ``register(subparsers)``; imported only when present.
 SUBCOMMAND_MODULES = ("mergelab.zoo.cli", "mergelab.evaluation.cli", "mergelab.diagnostics.cli",
                       "mergelab.study.cli")
@@ -97,7 +98,7 @@ def naming_the_recipe(path: str):
 
 
 def log_merge_record(out: Path, seconds: float) -> None:
-    """INFO lines (``-v``) from the finished folder's ``mergelab.json``: inputs, method, size, time."""
+    """INFO lines (``-v``) from the finished folder's ``mergelab.json``: inputs, method, tensors, dtype, time."""
     if not log.isEnabledFor(logging.INFO):
         return
     import json
