@@ -62,6 +62,8 @@ MISTAKES = [
             ["previous", "my_eval.txt"]),
     Mistake("output holds the inputs", ["merge", "good.yml", "models", "--overwrite"], ["models", "holds input"]),
     Mistake("output inside an input", ["merge", "good.yml", "models/base/merged"], ["models/base", "inside input"]),
+    Mistake("a user folder named like the partial output", ["merge", "good.yml", "notes2", "--resume"],
+            ["notes2.partial", "not an interrupted merge"]),
     Mistake("output is a file", ["merge", "good.yml", "notes/todo.txt"], ["notes/todo.txt", "not a folder"]),
     Mistake("no output folder", ["merge", "good.yml"], ["OUT_DIR"]),
     Mistake("bad --shard-size", ["merge", "good.yml", "out", "--shard-size", "5X"], ["--shard-size", "5X"]),
@@ -122,6 +124,7 @@ def build_world(root: Path) -> None:
     (root / "pickled" / "pytorch_model.bin").write_bytes(b"not really a pickle")
     (root / "notes").mkdir()
     (root / "notes" / "todo.txt").write_text("ask about the learning rate\n")
+    shutil.copytree(root / "notes", root / "notes2.partial")
     merge(root / "good.yml", root / "previous")
     (root / "previous" / "my_eval.txt").write_text("accuracy 0.71\n")
     (root / "zoo").mkdir()

@@ -4,7 +4,8 @@ A merge writes a new folder, or replaces a previous mergelab output when asked t
 previous output is recognised by its ``mergelab.json`` record (written last, with the recipe and versions)
 and by holding nothing but the files a merge writes: weight shards, index, config, tokenizer files, model
 card. Anything else in it (a user's notes, another model) and the folder is refused, never deleted. The
-working directory, its parents and folders holding an input model are refused too.
+working directory, its parents and folders holding an input model are refused too, and so are ``OUT.old`` and
+``OUT.partial`` when they are not a merge's (a merge uses those names, and removes them).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def check_output_path(out_dir: Path, input_folders: list[Path], overwrite: bool)
     old = out_dir.with_name(out_dir.name + ".old")
     if old.exists():
         raise OutputError(f"{old} exists, and a merge uses that name while it replaces {out_dir}; move it away")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.is_dir() and any(not is_partial_file(entry) for entry in partial.iterdir()):
+        raise OutputError(f"{partial} is not an interrupted merge (it holds other files), and a merge writes to "
+                          "that name; move it away")
     if not (out_dir.exists() or out_dir.is_symlink()):
         return
     if not out_dir.is_dir() or out_dir.is_symlink():
@@ -73,9 +78,19 @@ def is_merge_record(path: Path) -> bool:
     return isinstance(record, dict) and "recipe" in record and "mergelab_version" in record
 
 
+def is_partial_file(entry: Path) -> bool:
+    """Whether an entry of ``OUT.partial`` is what an interrupted merge leaves: its files, a shard being written
+    (``NAME.tmp``) and its progress record."""
+    name = entry.name.removesuffix(".tmp")
+    return entry.is_file() and (is_merge_name(name) or name in ("progress.json", "progress"))
+
+
 def is_merge_file(entry: Path) -> bool:
     """Whether a folder entry is one of the files a merge writes."""
+    return entry.is_file() and is_merge_name(entry.name)
+
+
+def is_merge_name(name: str) -> bool:
     from mergelab.output_files import TOKENIZER_FILES  # imported here: output_files imports the writer
 
-    name = entry.name
-    return entry.is_file() and (name in MERGE_FILES or name in TOKENIZER_FILES or SHARD_NAME.match(name) is not None)
+    return name in MERGE_FILES or name in TOKENIZER_FILES or SHARD_NAME.match(name) is not None
