@@ -13,6 +13,8 @@ def test_demo_report_numbers_come_from_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()  # the same tables and the plots inline (rendered: test_report_html)
+    assert page.count('<img src="data:image/png;base64,') == len(SCENARIOS)
     for scenario, (first, second, tasks) in SCENARIOS.items():
         data = results["scenarios"][scenario]
         assert set(data["rows"]) == {"parent:base", f"parent:{first}", f"parent:{second}", *METHODS}
@@ -24,6 +26,7 @@ def test_demo_report_numbers_come_from_results(tmp_path, capsys):
             assert cells[len(tasks) + 1] == fmt(row["average"])
             assert cells[len(tasks) + 2] == fmt(row["repetition_rate"])
             assert name in printed
+            assert f"<td>{name}</td>" + "".join(f"<td>{c}</td>" for c in cells[1:]) in page
         # SCF-RKL keeps most of its base (the first expert) untouched; dense task arithmetic changes nearly all
         rows = data["rows"]
         assert rows["scf_rkl"]["unchanged_from_recipe_base"] > rows["task_arithmetic"]["unchanged_from_recipe_base"]

@@ -13,7 +13,7 @@ from mergelab.study.executors import connect_ray
 from mergelab.study.jobs import Job, job_key
 from mergelab.study.long_to_short import PARENTS, TASK
 from mergelab.study.protocol import StudySettings, protocol_module, run_study
-from mergelab.study.report import cell, render_table
+from mergelab.study.report import cell, render_table, table_block
 
 SETTINGS = StudySettings(quick=True, zoo_size="test", build_zoo=True, progress=False)
 
@@ -43,8 +43,12 @@ def test_report_cells_are_the_job_results(local):
     jobs = saved["jobs"]
     assert set(jobs) == {*PARENTS, *saved["context"]["methods"]}
     tables = saved["analysis"]["tables"]
-    for table in tables:  # every table is rendered from the JSON and nothing else
+    page = (out / "report.html").read_text()
+    for table in tables:  # every table is rendered from the JSON and nothing else, in both pages
         assert render_table(table) in report
+        block = table_block(table)
+        assert "".join(f"<td>{c}</td>" for c in block.rows[0]) in page
+    assert page.count('<img src="data:image/png;base64,') == report.count("![")
 
     main = report_rows(report, tables[0]["title"])
     for label, result in jobs.items():

@@ -1,14 +1,26 @@
 """The ``mergelab`` command. Heavy libraries (torch, transformers) are imported inside the handlers, so
-``mergelab --help`` starts at once. User errors print one line and exit with status 2."""
+``mergelab --help`` starts at once. User errors print one line and exit with status 2.
+
+Verbosity uses the standard ``logging`` levels: warnings by default, ``-v`` INFO, ``-vv`` DEBUG (which also
+shows the traceback behind a file-system error), ``-q`` errors only and no progress bars. The flags are
+accepted before or after the command name.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
+import shlex
 import sys
+import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("mergelab")
 
 # Sub-command modules that add themselves with ``register(subparsers)``; imported only when present.
 SUBCOMMAND_MODULES = ("mergelab.zoo.cli", "mergelab.evaluation.cli", "mergelab.diagnostics.cli",
@@ -27,7 +39,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size in bytes (e.g. 5G, 500M, 1000000)") from None
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     """A whole number of at least 1."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
@@ -41,29 +53,63 @@ def _merge_options(args: argparse.Namespace):
                         overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
                         allow_mixed=args.allow_mixed, strict=args.strict, seed=args.seed,
                         read_ahead=args.read_ahead,
+                        progress=args.verbosity > -1 and sys.stderr.isatty(),
                         **({} if args.compute_threads is None else {"compute_threads": args.compute_threads}))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.config import load_recipe
+    from mergelab.errors import RecipeError
 
+    if args.out_dir is None and not args.print_plan:
+        raise RecipeError("name the output folder (OUT_DIR) after the recipe, or pass --print-plan")
     recipe = load_recipe(args.recipe)
+    log.info("recipe %s: %s of %d model(s)", args.recipe, recipe.merge_method, len(recipe.model_paths()))
     recipe_dir = Path(args.recipe).parent
     if args.print_plan:
         from mergelab.engine import open_inputs
         from mergelab.plan.build import build_plan
         from mergelab.plan.describe import describe
 
-        readers = open_inputs(recipe, recipe_dir, args.allow_pickle)
-        print(describe(build_plan(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed)))
+        with naming_the_recipe(args.recipe):
+            readers = open_inputs(recipe, recipe_dir, args.allow_pickle)
+            print(describe(build_plan(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed)))
         return 0
-    if args.out_dir is None:
-        raise SystemExit("mergelab merge: OUT_DIR is required unless --print-plan is given")
     from mergelab.engine import run_merge
 
-    out = run_merge(recipe, args.out_dir, _merge_options(args), recipe_dir)
+    started = time.perf_counter()
+    with naming_the_recipe(args.recipe):
+        out = run_merge(recipe, args.out_dir, _merge_options(args), recipe_dir)
+    log_merge_record(out, time.perf_counter() - started)
     print(f"merged model written to {out}")
     return 0
+
+
+@contextlib.contextmanager
+def naming_the_recipe(path: str):
+    """Prefix a recipe error raised while planning (unknown method or parameter) with the recipe file."""
+    from mergelab.errors import RecipeError
+
+    try:
+        yield
+    except RecipeError as error:
+        if str(path) in str(error):
+            raise
+        raise RecipeError(f"{path}: {error}") from None
+
+
+def log_merge_record(out: Path, seconds: float) -> None:
+    """INFO lines (``-v``) from the finished folder's ``mergelab.json``: inputs, method, tensors, dtype, time."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    import json
+
+    record = json.loads((out / "mergelab.json").read_text())
+    for ref, entry in record["inputs"].items():
+        log.info("input %s: %s (%d weight file(s))", ref, entry["folder"], len(entry["files"]))
+    tensors = record["tensors"]
+    log.info("%s (%s): %d tensors written as %s in %.1f s, seed %s", record["method"]["name"],
+             record["method"]["citation"], len(tensors), record["out_dtype"], seconds, record["seed"])
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -74,9 +120,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.recipe)
-        readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
-        report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
-                       similarity=not args.no_similarity)
+        with naming_the_recipe(args.recipe):
+            readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
+            report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
+                           similarity=not args.no_similarity)
     except MergelabError as error:
         report = CheckReport(problems=[str(error)])
     print(format_report(report))
@@ -84,7 +131,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register_check(subparsers) -> None:
-    p = subparsers.add_parser("check", help="report whether a recipe would merge and what it would do (no writes)")
+    p = subparsers.add_parser("check", help="report whether a recipe would merge and what it would do (no writes)",
+                              **examples("mergelab check recipe.yml",
+                                         "mergelab check recipe.yml --no-similarity   # skip reading every weight"))
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("--no-similarity", action="store_true",
                    help="skip the task-vector norms and cosines (which read every weight)")
@@ -102,28 +151,84 @@ def add_merge_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register_merge(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge models from a YAML recipe into a model folder")
+    p = subparsers.add_parser("merge", help="merge models from a YAML recipe into a model folder",
+                              **examples("mergelab merge recipe.yml merged/",
+                                         "mergelab merge recipe.yml --print-plan",
+                                         "mergelab merge recipe.yml merged/ --overwrite  # replace a previous merge",
+                                         "mergelab merge recipe.yml merged/ --resume     # continue an interrupted one",
+                                         note="Relative model paths in the recipe are looked up beside the recipe "
+                                         "file and in the working directory; a name found in both is refused."))
     p.add_argument("recipe", help="YAML recipe (mergekit's shape)")
     p.add_argument("out_dir", nargs="?", help="output model folder (written atomically)")
     p.add_argument("--print-plan", action="store_true", help="show which method and parameters each tensor gets")
     p.add_argument("--device", default="cpu", help="cpu or cuda (maths on this device)")
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
     p.add_argument("--shard-size", type=_size, default=5 * 10**9, help="maximum output shard size in bytes (5G)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (only once finished)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it is a previous mergelab output (only once finished); any other "
+                   "folder is refused")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from OUT_DIR.partial")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe's)")
     p.add_argument("--read-ahead", type=int, default=2, help="output tensors whose inputs are read in advance")
-    p.add_argument("--compute-threads", type=_positive, default=None,
+    p.add_argument("--compute-threads", type=positive_int, default=None,
                    help="CPU: tensor pieces computed side by side (default: the cores, at most 4)")
     add_merge_flags(p)
     p.set_defaults(func=cmd_merge)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a one-line usage error (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+class ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's layout, except that the examples epilog keeps its lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def examples(*lines: str, note: str = "") -> dict:
+    """``add_parser`` keywords that end a command's help with examples (and a note)."""
+    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    text += f"\n\n{textwrap.fill(note, 79)}" if note else ""
+    return {"epilog": text, "formatter_class": ExamplesFormatter}
+
+
+def add_verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v/-q on the main parser and on every sub-command (a sub-command's flags leave the main one's alone)."""
+    default = 0 if top else argparse.SUPPRESS
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="verbosity", action="count", default=default,
+                       help="more log output: -v INFO, -vv DEBUG")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="errors only, no progress bars")
+
+
+def _all_subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _all_subparsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from mergelab import __version__
+
+    parser = Parser(
         prog="mergelab", description="Merge fine-tuned models in weight space and measure whether the merge is "
-        "better, stable and safe.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+        "better, stable and safe.",
+        **examples("mergelab zoo build tiny-lm --size test   # offline models to try things on",
+                   "mergelab merge recipe.yml merged/", "mergelab eval merged/ --tasks addition reverse",
+                   "mergelab diagnose merged/ --base base/ --experts a/ b/ --out diag/", "mergelab demo",
+                   note="Run 'mergelab COMMAND --help' for each command's options and examples."))
+    parser.add_argument("--version", action="version", version=f"mergelab {__version__}")
+    add_verbosity(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", required=True)
     registrars: list[Callable] = [register_merge, register_check]
     for module_name in SUBCOMMAND_MODULES:
@@ -134,18 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
     for register in registrars:
         register(subparsers)
+    for sub in _all_subparsers(parser):
+        add_verbosity(sub, top=False)
     return parser
 
 
+LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    args.command_line = shlex.join(["mergelab", *argv])  # what reports say made them
+    level = LEVELS.get(args.verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too: ours are the display
     from mergelab.errors import MergelabError
 
     try:
         return args.func(args)
     except MergelabError as error:
         print(f"mergelab: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the user gave cannot be read or written
+        if error.filename is None or level <= logging.DEBUG:
+            raise
+        print(f"mergelab: error: {error.filename}: {error.strerror}; check the path and its permissions",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mergelab: interrupted; a partial merge can be continued with --resume", file=sys.stderr)

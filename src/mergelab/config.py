@@ -81,8 +81,13 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("a recipe needs exactly one of 'models' or 'slices' at the top level, not both or neither")
+        if self.models is not None and self.slices is not None:
+            raise ValueError("the recipe gives both 'models' and 'slices'; keep one of them (slices for layer ranges)")
+        if self.models == [] or self.slices == []:
+            key = "models" if self.models == [] else "slices"
+            raise ValueError(f"'{key}' is empty; list at least one model under it")
+        if self.models is None and self.slices is None:
+            raise ValueError("the recipe names no models; add a 'models' list (or 'slices' for layer ranges)")
         return self
 
     def model_paths(self) -> list[str]:
@@ -107,15 +112,19 @@ def closest(word: str, options: list[str] | tuple[str, ...]) -> str:
 
 def _explain(error: ValidationError, source: str) -> RecipeError:
     """One sentence for the first validation problem, with the closest valid key for unknown ones."""
-    first = error.errors()[0]
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a misspelt key, then missing
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[", "union[")))
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
         owner = _owner_of(first["loc"])
-        return RecipeError(f"{source}: unknown key '{key}' at {loc or 'top level'}"
+        where = ".".join(str(p) for p in first["loc"][:-1]) or "the top level"
+        return RecipeError(f"{source}: unknown key '{key}' at {where}"
                            f"{closest(key, list(owner.model_fields))}; remove or rename it")
     if first["type"] == "missing":
         return RecipeError(f"{source}: required key '{loc}' is missing; add it")
+    if first["type"] == "value_error":  # our own validators' sentences, without pydantic's "Value error, "
+        return RecipeError(f"{source}: {loc + ': ' if loc else ''}{first['ctx']['error']}")
     return RecipeError(f"{source}: {loc or 'recipe'}: {first['msg']}")
 
 
@@ -148,8 +157,26 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise RecipeError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
+        raise RecipeError(f"{path}{_yaml_position(error)} is not valid YAML ({_yaml_problem(error)}); fix the "
+                          "syntax there") from None
     return parse_recipe(data, str(path))
+
+
+def _yaml_position(error: yaml.YAMLError) -> str:
+    """':LINE:COLUMN' (1-based, as editors count) where the YAML parser stopped, when it says."""
+    mark = getattr(error, "problem_mark", None)
+    return "" if mark is None else f":{mark.line + 1}:{mark.column + 1}"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, with the construct it was reading ("while parsing a flow sequence")."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return str(error).splitlines()[0]
+    context, opened = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if not context:
+        return problem
+    return f"{problem}, {context}" + (f" opened at line {opened.line + 1}" if opened is not None else "")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -11,10 +11,9 @@ from typing import Any
 from mergelab.checkpoint.dtypes import dtype_name
 from mergelab.checkpoint.writer import OutputFolder
 from mergelab.config import dump_recipe
+from mergelab.output_guard import TOKENIZER_FILES
 from mergelab.plan.data import MergePlan
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 PACKAGES = ("mergelab", "torch", "safetensors", "transformers", "numpy")
 
 

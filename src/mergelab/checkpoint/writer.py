@@ -160,17 +160,13 @@ class OutputFolder:
     """``OUT_DIR.partial/`` while writing; renamed to ``OUT_DIR`` by ``finish``."""
 
     def __init__(self, out_dir: Path, input_folders: list[Path], overwrite: bool, resume: bool, plan_key: str):
+        from mergelab.output_guard import check_output_path
+
+        check_output_path(out_dir, input_folders, overwrite)  # cwd, inputs; --overwrite only of a merge output
         self.out_dir = out_dir
         self.partial = out_dir.with_name(out_dir.name + ".partial")
         self.plan_key = plan_key
         out_abs = out_dir.resolve()
-        for folder in input_folders:
-            folder_abs = folder.resolve()
-            if out_abs == folder_abs or folder_abs in out_abs.parents:
-                raise OutputError(f"output {out_dir} lies inside input model folder {folder}; choose another path")
-        if out_dir.exists() and not overwrite:
-            raise OutputError(f"output folder {out_dir} already exists; pass --overwrite to replace it or choose "
-                              "another path")
         if not out_abs.parent.is_dir():
             raise OutputError(f"cannot write {out_dir}: its parent {out_abs.parent} is not an existing folder")
         if not os.access(out_abs.parent, os.W_OK):

@@ -7,8 +7,11 @@ Per layer (``"other"`` gathers embeddings, final norm and head) and in total:
   cosine is positive, negative or zero within ``sign_tol`` (paper 003, Appendix D, Figs. 19-26);
 * parameter provenance (paper 000, Fig. 7): the fraction of elements of M exactly equal to the base, else to
   expert 1, else to expert 2, ..., else to neither (the first match wins, so an element where an expert
-  left the base unchanged counts as base);
-* update sparsity: the fraction of elements of M (and of each expert) equal to the base;
+  left the base unchanged counts as base). Compared in M's own dtype, the parents rounded to it: a bfloat16
+  merge of float32 parents can never equal them bit for bit, so a float64 comparison would call nearly
+  every element "neither". An update smaller than M's rounding then counts as its parent's;
+* update sparsity: the fraction of elements of M (and of each expert) equal to the base, M's again against the
+  base rounded to M's dtype (as is M's own task vector ``M - B``, so the base's rounding is not an update);
 * for every 2-D matrix inside the layer stack: principal angles between the top-k left singular subspaces of
   M and of each parent (paper 000, Figs. 3 and 6; ``cos theta_i`` are the singular values of
   ``U_M[:, :k]^T U_P[:, :k]``), and the normalised spectral shift
@@ -121,10 +124,18 @@ def weight_diagnostics(
     matrices: list[dict[str, Any]] = []
     spectra: dict[str, dict[str, Any]] = {}
 
+    compared_in: set[torch.dtype] = set()
+    parents_rounded = False
     for name in tqdm(names, desc="weights", disable=not progress):
         layer = layer_key(name)
-        m, b, *es = (r.get(name).to(device=device, dtype=torch.float64) for r in readers)
-        deltas = [e - b for e in es] + [m - b]
+        stored = [r.get(name) for r in readers]
+        m, b, *es = (t.to(device=device, dtype=torch.float64) for t in stored)
+        # provenance and the merge's own update in the merged model's dtype: the parents rounded to it
+        out_dtype = stored[0].dtype
+        compared_in.add(out_dtype)
+        parents_rounded |= any(t.dtype != out_dtype and _narrower(out_dtype, t.dtype) for t in stored[1:])
+        b_out, *es_out = (t.to(out_dtype).to(device=device, dtype=torch.float64) for t in stored[1:])
+        deltas = [e - b for e in es] + [m - b_out]
         flat = [d.reshape(-1) for d in deltas]
         for i, a in enumerate(vectors):
             sq[a][layer] += float(flat[i] @ flat[i])
@@ -132,9 +143,9 @@ def weight_diagnostics(
                 dot[(a, vectors[j])][layer] += float(flat[i] @ flat[j])
             unchanged[a][layer] += int((deltas[i] == 0).sum())
         elements[layer] += m.numel()
-        claimed = m == b
+        claimed = m == b_out
         provenance["base"][layer] += int(claimed.sum())
-        for label, e in zip(labels, es, strict=True):
+        for label, e in zip(labels, es_out, strict=True):
             hit = (m == e) & ~claimed
             provenance[label][layer] += int(hit.sum())
             claimed |= hit
@@ -175,6 +186,8 @@ def weight_diagnostics(
         "cosine": cosine,
         "sign_counts": sign_counts,
         "provenance": {
+            "compared_in": ", ".join(sorted(str(d).removeprefix("torch.") for d in compared_in)),
+            "parents_rounded": parents_rounded,
             "total": {s: sum(provenance[s].values()) / total for s in sources},
             "per_layer": {x: {s: provenance[s][x] / elements[x] for s in sources} for x in layers},
         },
@@ -191,6 +204,12 @@ def weight_diagnostics(
         "spectra": spectra,
         "settings": {"k": k, "svd": svd, "spectra_layers": sorted(keep_layers), "sign_tol": sign_tol},
     }
+
+
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether casting ``than`` to ``dtype`` can round (fewer mantissa or exponent bits)."""
+    a, b = torch.finfo(dtype), torch.finfo(than)
+    return a.eps > b.eps or a.max < b.max
 
 
 def _matrix_geometry(

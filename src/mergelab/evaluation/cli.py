@@ -13,20 +13,31 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` to the ``mergelab`` command's subparsers."""
-    p = subparsers.add_parser("eval", help="evaluate a model folder on tasks", description=__doc__)
+    from mergelab.cli import examples, positive_int
+    from mergelab.tasks import TASKS  # a table of names: no heavy imports
+
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model folder on tasks",
+        description="Score a model folder on mergelab's tasks: exact-match accuracy, repetition rate, pass@n, "
+        "self-consistency, perplexity. --lm-eval also runs the tasks (and GSM8K) through lm-evaluation-harness, "
+        "offline.",
+        **examples("mergelab eval merged/ --tasks addition reverse",
+                   "mergelab eval merged/ --tasks addition --samples 8 --out scores.json   # pass@8",
+                   "mergelab eval merged/ --ppl-file held_out.txt"))
     p.add_argument("model", type=Path, help="a Hugging Face model folder (weights, config, tokenizer)")
-    p.add_argument("--tasks", nargs="+", default=[], help="task names (see mergelab.tasks)")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                   help="task names: " + "; ".join(f"{name} ({task.description})" for name, task in TASKS.items()))
     p.add_argument("--items", type=int, default=50, help="test items per task (default 50)")
     p.add_argument(
         "--samples",
-        type=int,
+        type=positive_int,
         default=1,
         help="sampled continuations per item for pass@k and self-consistency (default 1: greedy only)",
     )
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override each task's generation limit")
-    p.add_argument("--batch-size", type=int, default=16, help="generated rows per batch (default 16)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override each task's generation limit")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="generated rows per batch (default 16)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="task split (default test)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument(
@@ -77,7 +88,9 @@ def _vision(args: argparse.Namespace) -> dict:
 def handler(args: argparse.Namespace) -> int:
     from mergelab.evaluation import lm_eval_bridge  # heavy imports here, so `mergelab --help` stays quick
     from mergelab.evaluation.runner import format_table
+    from mergelab.model_refs import resolve_model_ref
 
+    resolve_model_ref(str(args.model), None)  # a missing folder, an adapter, a GGUF file or a Hub id: say so
     if args.lm_eval:
         lm_eval_bridge.require_lm_eval()  # fail before any model is loaded
     results: dict = {}

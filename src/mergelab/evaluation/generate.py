@@ -41,7 +41,8 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise CheckpointError(
-            f"{folder} has no usable tokenizer files ({err}); copy the parent model's tokenizer into it."
+            f"{folder} has no usable tokenizer files (transformers cannot load one from it); copy the parent "
+            "model's tokenizer files into it."
         ) from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -17,16 +17,14 @@ from mergelab.config import Recipe, closest
 from mergelab.errors import CompatibilityError, RecipeError
 from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodSpec
+from mergelab.model_refs import resolve_model_ref
 from mergelab.params import Scope, resolve
 from mergelab.plan.data import MergePlan, ShardLayout, TensorJob
 
 
 def resolve_model_path(ref: str, recipe_dir: Path | None) -> str:
-    """A recipe's model reference as a path: as given, or relative to the recipe's folder."""
-    path = Path(ref).expanduser()
-    if not path.exists() and recipe_dir is not None and (recipe_dir / path).exists():
-        path = recipe_dir / path
-    return str(path)
+    """A recipe's model reference as a path, by the rule of ``mergelab.model_refs`` (recipe folder or cwd)."""
+    return str(resolve_model_ref(ref, recipe_dir))
 
 
 def open_inputs(recipe: Recipe, recipe_dir: Path | None, allow_pickle: bool) -> dict[str, ModelReader]:

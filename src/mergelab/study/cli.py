@@ -12,7 +12,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(Path(args.out), size=args.size, n_items=args.items, device=args.device,
                        command="mergelab demo" + (f" --size {args.size}" if args.size != "demo" else ""))
     print_tables(results)
-    print(f"\nreport: {Path(args.out) / 'report.md'} ({results['seconds']['total']:.0f} s)")
+    print(f"\nreport: {Path(args.out) / 'report.html'} and report.md ({results['seconds']['total']:.0f} s)")
     return 0
 
 
@@ -28,13 +28,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out or f"mergelab-study-{args.protocol}")
     study = run_study(args.protocol, out, settings, executor=args.executor, workers=args.workers,
                       ray_address=args.ray_address, store=args.store, command=command)
-    print(f"report: {out / 'report.md'} ({study['seconds']:.0f} s, {len(study['jobs'])} jobs)")
+    print(f"report: {out / 'report.html'} and report.md ({study['seconds']:.0f} s, {len(study['jobs'])} jobs)")
     return 0
 
 
 def register(subparsers) -> None:
+    from mergelab.cli import examples
+
     p = subparsers.add_parser("demo", help="build the tiny-lm zoo, merge two pairs with SCF-RKL and baselines, "
-                              "evaluate, and write a report")
+                              "evaluate, and write a report",
+                              **examples("mergelab demo",
+                                         "mergelab demo --size test --items 5  # seconds: plumbing only",
+                                         note="Writes report.html (self-contained), report.md, PNG plots and "
+                                         "results.json to --out."))
     p.add_argument("--out", default="mergelab-demo", help="report folder (default ./mergelab-demo)")
     p.add_argument("--size", default="demo", help="zoo size: demo (default), full, or test (untrained, plumbing)")
     p.add_argument("--items", type=int, default=100, help="held-out items per task")
@@ -43,7 +49,11 @@ def register(subparsers) -> None:
 
     from mergelab.study.protocol import PROTOCOLS  # no heavy imports: a table of names
 
-    p = subparsers.add_parser("study", help="run a paper's experiment protocol on the zoo and write a report")
+    p = subparsers.add_parser("study", help="run a paper's experiment protocol on the zoo and write a report",
+                              **examples("mergelab study scf --quick --build-zoo",
+                                         "mergelab study in-the-wild --executor ray --workers 4",
+                                         note="Writes report.html (self-contained), report.md, PNG plots and "
+                                         "results.json to --out; a rerun resumes from --store."))
     p.add_argument("protocol", choices=list(PROTOCOLS), help="which paper's protocol")
     p.add_argument("--quick", action="store_true", help="the minutes-long variant (fewer subsets, items, sweeps)")
     p.add_argument("--zoo-size", default=None, help="zoo size of the members (default: demo with --quick, else full)")

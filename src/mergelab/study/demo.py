@@ -2,7 +2,8 @@
 
 Builds (or reuses) the zoo members it needs, merges the complementary pair and the strong-weak pair with
 SCF-RKL and the paper's baselines (TA, DARE-TA, TIES, DARE-TIES, SCE), evaluates every merge and both
-parents, prints a table and writes a report folder (markdown, PNG plots, raw JSON).
+parents, prints a table and writes a report folder (markdown, a self-contained HTML page, PNG plots, raw
+JSON).
 
 As in the paper (section 2, Algorithm 1), SCF-RKL fuses two models directly: the first of the pair is its base
 ``θ_b`` and the second its secondary ``θ_s``; the task-vector baselines take task vectors of both against the
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mergelab.study.report import bar_plot, markdown_table, text_table
+from mergelab import document
+from mergelab.document import Figure, Heading, Paragraph, Report
+from mergelab.study.report import bar_plot, fmt_table, text_table
 
 # scenario -> (first model, second model, tasks scored). The tasks are the experts' own skills.
 SCENARIOS = {
@@ -103,23 +106,22 @@ def table_rows(scenario: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 
 def write_report(out: Path, results: dict[str, Any], command: str) -> Path:
-    """report.md (tables and plots), results.json; the tables are rendered from ``results`` only."""
+    """report.md and report.html (tables and plots), results.json; the tables are rendered from ``results``
+    only."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["# mergelab demo", "",
-             f"Made by `{command}` on the tiny-lm zoo (size `{results['size']}`), {results['n_items']} held-out "
-             f"items per task, greedy decoding. Raw numbers: [results.json](results.json).", ""]
+    report = Report("mergelab demo").add(Paragraph(
+        f"Made by `{command}` on the tiny-lm zoo (size `{results['size']}`), {results['n_items']} held-out "
+        f"items per task, greedy decoding. Raw numbers: [results.json](results.json)."))
     for scenario, data in results["scenarios"].items():
         header, rows = table_rows(data)
         plot = bar_plot(out / f"{scenario}.png", f"{scenario}: {' + '.join(data['pair'])}", list(data["rows"]),
                         {h: [r[i + 1] for r in rows] for i, h in enumerate(header[1:len(data["tasks"]) + 2])},
                         "exact match (%)", command)
-        lines += [f"## {scenario} ({' + '.join(data['pair'])})", "", markdown_table(header, rows), "",
-                  f"![{scenario}]({plot.name})", ""]
-    lines.append(f"Zoo build or reuse took {results['seconds']['zoo']:.0f} s; everything "
-                 f"{results['seconds']['total']:.0f} s.")
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        report.add(Heading(f"{scenario} ({' + '.join(data['pair'])})"), fmt_table(header, rows, command),
+                   Figure(plot.name, f"{scenario}: exact match per model", command))
+    report.add(Paragraph(f"Zoo build or reuse took {results['seconds']['zoo']:.0f} s; everything "
+                         f"{results['seconds']['total']:.0f} s."))
+    return document.write(report, out)[0]
 
 
 def print_tables(results: dict[str, Any]) -> None:

@@ -44,14 +44,15 @@ import random
 from pathlib import Path
 from typing import Any
 
+from mergelab.citations import IN_THE_WILD, cite
 from mergelab.errors import MergelabError
 from mergelab.study.jobs import Job
 from mergelab.study.protocol import StudySettings
 from mergelab.study.report import bar_plot, heatmap, label_axes, line_plot, new_figure, save_figure, scatter_plot, table
 
 TITLE = "In-the-wild merging of the tiny-lm pool"
-PAPER = ("A Systematic Study of In-the-Wild Model Merging for LLMs (shared/papers/003), Tables 1-3, Figs. 3-6, "
-         "appendices C-E")
+PAPER = cite(IN_THE_WILD, "A Systematic Study of In-the-Wild Model Merging for LLMs, Tables 1-3, Figs. 3-6, "
+                                "appendices C-E")
 SEED = 0  # subset sampling
 POOL_SIZE = 12
 BASE = "base"

@@ -43,12 +43,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergelab.citations import FISHER_RAO, cite
 from mergelab.study.jobs import Job
 from mergelab.study.protocol import StudySettings
 from mergelab.study.report import line_plot, table
 
 TITLE = "Karcher merging against baselines as the number of merged models grows"
-PAPER = "Fisher-Rao Karcher merging (shared/papers/002), Figure 1, Tables 1 and 3-5, Figure 2 and Table 7"
+PAPER = cite(FISHER_RAO, "Figure 1, Tables 1 and 3-5, Figure 2 and Table 7")
 SEED = 0  # the expert order and the random methods' seed
 FAMILIES = ("tiny-lm", "vision")
 DIAGNOSED = ("Karcher", "Lerp", "TIES")  # figure 2's methods

@@ -17,12 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mergelab.citations import FIM_MERGING, cite
 from mergelab.study.jobs import Job
 from mergelab.study.protocol import StudySettings
 from mergelab.study.report import line_plot, scatter_plot, table
 
 TITLE = "Long-to-short merging with FIM-Merging"
-PAPER = "FIM-Merging (shared/papers/004), Tables 2-4, Figures 2-3, section 5.5"
+PAPER = cite(FIM_MERGING, "Tables 2-4, Figures 2-3, section 5.5")
 TASK = "arith_long"  # same prompts and answers as arith_short; its longer token limit lets working finish
 PARENTS = ("base", "arith_short", "arith_long")
 SIZES = {"quick": {"n_items": 30, "samples": 4}, "full": {"n_items": 200, "samples": 16}}

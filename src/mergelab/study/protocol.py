@@ -10,9 +10,9 @@ A protocol is a module with
 - ``figures(out, analysis, command) -> [(file name, caption)]``: PNGs drawn from the analysis only.
 
 ``run_study`` writes ``results.json`` (settings, context, every job result by label, the analysis, timings)
-and ``report.md``, the index page: every table of the analysis and every figure, each saying the command that
-made it. Job results are stored under ``<out>/jobs`` by content key, so rerunning a killed study picks up where
-it stopped.
+and ``report.md`` with its self-contained twin ``report.html``, the index page: every table of the analysis and
+every figure, each saying the command that made it. Job results are stored under ``<out>/jobs`` by content
+key, so rerunning a killed study picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mergelab import document
+from mergelab.document import Bullets, Figure, Heading, Paragraph, Report
 from mergelab.errors import MergelabError
 from mergelab.study.executors import EXECUTORS, execute
 from mergelab.study.jobs import job_key
-from mergelab.study.report import render_table
+from mergelab.study.report import table_block
 
 # protocol name -> module
 PROTOCOLS = {
@@ -99,25 +101,20 @@ def run_study(name: str, out: str | Path, settings: StudySettings, executor: str
 
 
 def write_report(out: Path, study: dict[str, Any], figures: list[tuple[str, str]]) -> Path:
-    """``report.md``: the index page with every table (rendered from ``results.json``) and figure."""
+    """``report.md`` and ``report.html``: the index page with every table (rendered from ``results.json``) and
+    figure, each with the command that made it."""
     analysis = study["analysis"]
     settings = study["settings"]
-    lines = [f"# {study['title']}", "",
-             f"Protocol of {study['paper']}. Made by `{study['command']}` (zoo size `{settings['zoo_size']}`, "
-             f"{'quick' if settings['quick'] else 'full'} protocol, executor `{study['executor']}`) in "
-             f"{study['seconds']:.0f} s. Every number below is read from [results.json](results.json).", ""]
-    if analysis.get("notes"):
-        lines += [*analysis["notes"], ""]
-    lines += ["## Contents", ""]
-    lines += [f"- [{t['title']}](#table-{i + 1})" for i, t in enumerate(analysis["tables"])]
-    lines += [f"- [figure: {caption}]({file})" for file, caption in figures]
-    lines.append("")
+    command = study["command"]
+    report = Report(study["title"]).add(Paragraph(
+        f"Protocol of {study['paper']}. Made by `{command}` (zoo size `{settings['zoo_size']}`, "
+        f"{'quick' if settings['quick'] else 'full'} protocol, executor `{study['executor']}`) in "
+        f"{study['seconds']:.0f} s. Every number below is read from [results.json](results.json)."))
+    report.add(*(Paragraph(note) for note in analysis.get("notes", [])))
+    contents = [f"[{t['title']}](#table-{i + 1})" for i, t in enumerate(analysis["tables"])]
+    report.add(Heading("Contents"), Bullets(contents + [f"[figure: {caption}]({file})" for file, caption in figures]))
     for i, table in enumerate(analysis["tables"]):
-        lines += [f'<a id="table-{i + 1}"></a>', "", f"## {table['title']}", "", render_table(table), ""]
-        if table.get("note"):
-            lines += [table["note"], ""]
+        report.add(Heading(table["title"], anchor=f"table-{i + 1}"), table_block(table, command))
     for file, caption in figures:
-        lines += [f"## Figure: {caption}", "", f"![{caption}]({file})", "", f"Made by `{study['command']}`.", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+        report.add(Heading(f"Figure: {caption}"), Figure(file, caption, command))
+    return document.write(report, out)[0]

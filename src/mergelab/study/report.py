@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergelab.document import Table, markdown_table
+
 
 def fmt(value: Any) -> str:
     """A table cell: percentages for fractions, '-' for missing values."""
@@ -45,18 +47,20 @@ def table(title: str, header: Sequence[str], kinds: Sequence[str], rows: Sequenc
             "note": note}
 
 
+def table_block(data: dict[str, Any], command: str = "") -> Table:
+    """A ``table`` dict as a report block, each cell formatted by its column's kind."""
+    rows = [[cell(v, k) for v, k in zip(row, data["kinds"], strict=True)] for row in data["rows"]]
+    return Table(list(data["header"]), rows, command=command, note=data.get("note", ""))
+
+
 def render_table(data: dict[str, Any]) -> str:
     """Markdown for a ``table`` dict."""
-    lines = ["| " + " | ".join(data["header"]) + " |", "|" + "---|" * len(data["header"])]
-    lines += ["| " + " | ".join(cell(v, k) for v, k in zip(row, data["kinds"], strict=True)) + " |"
-              for row in data["rows"]]
-    return "\n".join(lines)
+    return markdown_table(table_block(data))
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def fmt_table(header: Sequence[str], rows: Sequence[Sequence[Any]], command: str = "") -> Table:
+    """A report block whose cells are formatted by ``fmt`` (fractions as percentages)."""
+    return Table(list(header), [[fmt(c) for c in row] for row in rows], command=command)
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -43,6 +43,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mergelab.citations import SCF_RKL, cite
 from mergelab.study.demo import BATCH
 from mergelab.study.demo import recipes as pair_recipes
 from mergelab.study.jobs import Job
@@ -50,7 +51,7 @@ from mergelab.study.protocol import StudySettings
 from mergelab.study.report import bar_plot, line_plot, table
 
 TITLE = "Sparse complementary fusion with reverse KL (SCF-RKL)"
-PAPER = "SCF-RKL (shared/papers/000), Tables 1-5 and 10, Figures 1, 3, 4, 6, 7, 9-11"
+PAPER = cite(SCF_RKL, "Tables 1-5 and 10, Figures 1, 3, 4, 6, 7, 9-11")
 PAIRS = ("complementary", "strong_weak", "safety")
 METHODS = {"scf_rkl": "SCF-RKL", "task_arithmetic": "TA", "dare_linear": "DARE-TA", "ties": "TIES",
            "dare_ties": "DARE-TIES", "sce": "SCE"}

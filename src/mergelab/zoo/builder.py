@@ -150,6 +150,7 @@ def build_plan(
             _build_parallel(plan, pending, keys, folder, finished, device, workers, bar)
         for member in pending:
             if not finished[member.name]:
+                bar.set_postfix_str(member.name)
                 built = {name: folder / name for name, record in finished.items() if record}
                 finished[member.name] = _build_member(member, keys[member.name], folder / member.name, built, device)
                 bar.update()
@@ -224,7 +225,7 @@ def _build_member(member: Member, key: str, target: Path, built: dict[str, Path]
     import torch
 
     try:
-        with _deterministic():
+        with _deterministic(), _transformers_bars_off():
             details = member.make(partial, built, device)
         record = {
             "name": member.name,
@@ -251,6 +252,23 @@ def _build_member(member: Member, key: str, target: Path, built: dict[str, Path]
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return record
+
+
+class _transformers_bars_off:
+    """transformers' own bars ("Loading weights", "Writing model shards") off while a member is built: the zoo's
+    bar is the one progress display of a build."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        self.was_on = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        if self.was_on:
+            transformers_logging.enable_progress_bar()
 
 
 class _deterministic:

@@ -13,9 +13,17 @@ from mergelab.zoo.builder import FAMILY_RECORD
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``zoo`` command (with ``build`` and ``list``) to a ``mergelab`` argparse subparsers object."""
-    zoo = subparsers.add_parser("zoo", help="build and list offline model families")
+    from mergelab.cli import examples
+
+    zoo = subparsers.add_parser("zoo", help="build and list offline model families",
+                                **examples("mergelab zoo build tiny-lm --size test", "mergelab zoo list",
+                                           "mergelab zoo show tiny-lm --size demo"))
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
-    build_parser = commands.add_parser("build", help="build (or reuse) a model family; prints its folder")
+    build_parser = commands.add_parser(
+        "build", help="build (or reuse) a model family; prints its folder",
+        **examples("mergelab zoo build tiny-lm --size test            # seconds: untrained, for plumbing",
+                   "mergelab zoo build tiny-lm --size demo --workers 2",
+                   "mergelab zoo build tiny-lm --size demo --members addition reverse --out ./zoo/tiny"))
     build_parser.add_argument("family", help=f"one of: {', '.join(families())}")
     offered = "; ".join(f"{name}: {', '.join(family_sizes)}" for name, (_, family_sizes) in FAMILIES.items())
     build_parser.add_argument("--size", default="test", help=f"{offered} (default: test)")
@@ -51,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     folder = build(
-        args.family, size=args.size, device=args.device, out=args.out, members=args.members, workers=args.workers
+        args.family, size=args.size, device=args.device, out=args.out, members=args.members, workers=args.workers,
+        progress=getattr(args, "verbosity", 0) > -1,
     )
     record = json.loads((folder / FAMILY_RECORD).read_text())
     print(

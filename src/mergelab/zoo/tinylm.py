@@ -32,6 +32,7 @@ sees little prose: it mostly needs the formats.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -44,6 +45,8 @@ import torch
 from mergelab.tasks import TASKS, Task
 from mergelab.zoo import corpus
 from mergelab.zoo.builder import FamilyPlan, Member
+
+log = logging.getLogger("mergelab")
 
 EOS = "<|endoftext|>"
 LICENCES = {
@@ -343,9 +346,8 @@ def train(
     freeze_embeddings: bool = False,
 ) -> float:
     """AdamW with a linear warm-up, then ``schedule``: "cosine" decay to 10 % or "constant"; returns the mean
-    loss over the last tenth of steps. ``freeze_embeddings`` trains all but the token embeddings and lm_head."""
-    from tqdm.auto import tqdm
-
+    loss over the last tenth of steps (logged at INFO as ``desc``). ``freeze_embeddings`` trains all but the
+    token embeddings and lm_head."""
     model.to(device).train()
     frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     params = [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
@@ -358,7 +360,7 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     tail: list[float] = []
-    for step in tqdm(range(steps), desc=desc, leave=False):
+    for step in range(steps):  # no bar of its own: the zoo build's bar is the one display
         ids, labels = next(batches)
         loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         opt.zero_grad(set_to_none=True)
@@ -369,7 +371,9 @@ def train(
         if step >= steps - max(1, steps // 10):
             tail.append(loss.item())
     model.eval()
-    return sum(tail) / len(tail)
+    final = sum(tail) / len(tail)
+    log.info("%s: %d steps, final loss %.4f", desc, steps, final)
+    return final
 
 
 @torch.no_grad()

@@ -1,0 +1,100 @@
+"""What a model reference names, and where a relative one is looked up.
+
+The rule for relative paths in a recipe file: a relative model path is looked up beside the recipe file (in
+its folder) and in the working directory. It is used where it exists; if it exists in both places as two
+different folders, the recipe is refused, since either could be meant (write an absolute path). A recipe given
+as a dict or YAML text (the Python API) has no folder: its relative paths are taken from the working directory.
+
+Inputs that are not Hugging Face model folders (a PEFT adapter, a GGUF file, a Hub id, a single weights file)
+are named for what they are, with what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from mergelab.errors import CheckpointError, RecipeError
+
+log = logging.getLogger("mergelab")
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_ref(ref: str, recipe_dir: Path | None) -> Path:
+    """The folder a recipe's ``ref`` names under the rule of the module doc; errors name the reference."""
+    path = Path(ref).expanduser()
+    if path.is_absolute() or recipe_dir is None:
+        candidates = [path]
+    else:
+        candidates = list(dict.fromkeys([recipe_dir / path, path]))  # the same path when the recipe is in cwd
+    existing = [c for c in candidates if c.exists()]
+    if len(existing) == 2 and existing[0].resolve() != existing[1].resolve():
+        raise RecipeError(f"model '{ref}' could mean {existing[0].resolve()} (beside the recipe) or "
+                          f"{existing[1].resolve()} (in the working directory); write the absolute path of the "
+                          "one you mean")
+    if not existing:
+        raise CheckpointError(missing_model_message(ref, candidates))
+    found = existing[0]
+    check_model_folder(found)
+    if found != path:
+        log.info("model '%s' found beside the recipe: %s", ref, found)
+    return found
+
+
+def check_model_folder(path: Path) -> None:
+    """Refuse an existing ``path`` that is not a Hugging Face model folder, saying what it is instead."""
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            raise CheckpointError(gguf_advice(path))
+        raise CheckpointError(f"{path} is a file; name the model folder that holds it ({path.parent}) instead")
+    adapter = peft_adapter_type(path)
+    if adapter is not None:
+        raise CheckpointError(adapter_advice(path, adapter))
+
+
+def missing_model_message(ref: str, looked_in: list[Path]) -> str:
+    """The sentence for a model reference that names nothing on disk (a Hub id gets its own advice)."""
+    if looks_like_hub_id(ref) and not any(path.parent.is_dir() for path in looked_in):  # no local 'org/' folder
+        return hub_id_advice(ref)
+    places = f" (looked for {' and '.join(str(p) for p in looked_in)})" if len(looked_in) > 1 else ""
+    return f"model folder '{ref}' does not exist{places}; check the path"
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """``org/name`` with no such local path: the form of a Hugging Face Hub repository id."""
+    return HUB_ID.match(ref) is not None and not ref.startswith(".")
+
+
+def hub_id_advice(ref: str) -> str:
+    """What to do with a Hub id (mergelab reaches no model hub): download it and name the local folder."""
+    local = ref.split("/")[-1]
+    return (f"'{ref}' looks like a Hugging Face Hub id, but mergelab does not download from model hubs; run "
+            f"`huggingface-cli download {ref} --local-dir {local}` and name the folder {local} instead")
+
+
+def peft_adapter_type(folder: Path) -> str | None:
+    """The PEFT type ("LORA", ...) when ``folder`` holds an adapter (``adapter_config.json``), else None."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return str(json.loads(config.read_text()).get("peft_type") or "unknown PEFT")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unknown PEFT"
+
+
+def adapter_advice(folder: Path, peft_type: str) -> str:
+    """An adapter is not a full model: say so, and how to get one to merge."""
+    kind = "LoRA" if peft_type.upper() == "LORA" else peft_type
+    return (f"{folder} is a PEFT {kind} adapter (adapter_config.json), not a full model; merge it into its base "
+            "with peft (merge_and_unload, then save_pretrained) and name that folder")
+
+
+def gguf_advice(file: Path) -> str:
+    """A GGUF file is a llama.cpp export: convert it to a safetensors folder first."""
+    return (f"{file} is a GGUF file (llama.cpp), not a Hugging Face model folder; convert it as `mergelab zoo` "
+            f"does for SmolLM2: transformers' from_pretrained(folder, gguf_file='{file.name}'), then "
+            "save_pretrained(new_folder), and name that folder")
