@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Sub-command modules that add themselves with ``register(subparsers)``; imported only when present.
 SUBCOMMAND_MODULES = ("mergelab.zoo.cli", "mergelab.evaluation.cli", "mergelab.diagnostics.cli",
-                      "mergelab.study.cli")
+                      "mergelab.study.cli", "mergelab.lora.cli", "mergelab.moe.cli")
 
 
 def _size(text: str) -> int:

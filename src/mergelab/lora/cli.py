@@ -1,0 +1,49 @@
+"""``mergelab extract-lora FINETUNED --base BASE --rank R OUT``: write a peft LoRA adapter from a fine-tune."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _rank_for(text: str) -> tuple[str, int]:
+    pattern, _, rank = text.rpartition("=")
+    if not pattern or not rank.strip().isdigit() or int(rank) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not PATTERN=RANK (e.g. q_proj=8, 'layers\\.0\\..*=4')")
+    return pattern, int(rank)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from mergelab.lora.extract import RankRule, extract_lora, summary
+    from mergelab.plan import TORCH_DTYPES
+
+    rule = RankRule(args.rank, dict(args.rank_for or []), args.energy)
+    record = extract_lora(args.finetuned, args.base, args.out, rule,
+                          dtype=TORCH_DTYPES[args.dtype] if args.dtype else None, lora_only=args.lora_only,
+                          overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(summary(record))
+    print(f"adapter written to {args.out} (per-module errors in lora_extraction.json)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("extract-lora", help="a peft LoRA adapter from a fine-tune's task vector (truncated SVD)",
+                              description=__doc__)
+    p.add_argument("finetuned", help="the fine-tuned model folder")
+    p.add_argument("out", help="output adapter folder (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--base", required=True, help="the base model folder the fine-tune started from")
+    p.add_argument("--rank", type=int, default=None,
+                   help="rank of every layer matrix (with --energy: the most any matrix keeps)")
+    p.add_argument("--rank-for", type=_rank_for, action="append", metavar="PATTERN=R",
+                   help="rank for modules whose name ends in a match of the regex PATTERN (peft's rank_pattern "
+                        "rule; first match wins; repeatable)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="per matrix, the smallest rank keeping this fraction of the task vector's squared "
+                        "Frobenius norm (e.g. 0.9)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="dtype of the factors (default: the base's)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="leave out changed tensors that are not layer matrices (norms, embeddings, head) instead "
+                        "of saving them whole as modules_to_save")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=handler)
