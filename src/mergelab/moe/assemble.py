@@ -1,0 +1,173 @@
+"""Assemble a Mixtral-style sparse model from a dense Llama/Mistral base and dense experts of its shape.
+
+Every layer's MLP becomes a sparse block of ``len(experts)`` experts: expert ``e``'s ``gate_proj``, ``up_proj``
+and ``down_proj`` become ``block_sparse_moe.experts.e.w1``, ``w3`` and ``w2`` (Mixtral's checkpoint names, which
+transformers converts on load), and ``block_sparse_moe.gate.weight`` holds the router rows (``gates``).
+Attention, norms, embeddings and head come from the base. Tensors are streamed one at a time into shards whose
+headers are planned up front, in ``OUT.partial`` renamed to ``OUT`` when complete; nothing is written before
+every input has been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.checkpoint.layout import num_layers
+from mergelab.checkpoint.reader import ModelReader, open_model
+from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, ShardWriter, plan_shards, shard_file_names
+from mergelab.errors import CompatibilityError
+from mergelab.moe import gates
+from mergelab.moe.config import MoeConfig
+from mergelab.output_files import TOKENIZER_FILES
+from mergelab.plan import TORCH_DTYPES, resolve_model_path
+
+DENSE_FAMILIES = ("llama", "mistral")
+MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def check_base(base: ModelReader) -> int:
+    """The base's layer count, after checking that Mixtral can hold it (Llama-style, no biases, gated MLPs)."""
+    if base.model_type not in DENSE_FAMILIES:
+        raise CompatibilityError(f"{base.folder}: model_type {base.model_type!r} cannot become a Mixtral-style MoE; "
+                                 f"use a {' or '.join(DENSE_FAMILIES)} base")
+    for key in ("attention_bias", "mlp_bias"):
+        if base.config.get(key):
+            raise CompatibilityError(f"{base.folder}: config.json sets {key}, which Mixtral does not have")
+    layers = num_layers(base.config)
+    for layer in range(layers):
+        for part in EXPERT_NAMES:
+            if not base.has(f"model.layers.{layer}.mlp.{part}.weight"):
+                raise CompatibilityError(f"{base.folder}: tensor 'model.layers.{layer}.mlp.{part}.weight' is missing; "
+                                         "the base needs gated MLPs in every layer")
+    return layers
+
+
+def check_experts(base: ModelReader, experts: dict[str, ModelReader]) -> None:
+    """Every expert has the base's architecture and every base tensor at the base's shape."""
+    for ref, expert in experts.items():
+        if expert.model_type != base.model_type:
+            raise CompatibilityError(f"expert {ref}: model_type {expert.model_type!r} differs from the base's "
+                                     f"{base.model_type!r}; experts must be fine-tunes of the base")
+        for name in base.names:
+            if not expert.has(name):
+                raise CompatibilityError(f"expert {ref}: tensor '{name}' of the base is missing; experts must "
+                                         "be fine-tunes of the base")
+            if expert.shape(name) != base.shape(name):
+                raise CompatibilityError(f"expert {ref}: tensor '{name}' has shape {list(expert.shape(name))} but "
+                                         f"the base has {list(base.shape(name))}; every expert must have the "
+                                         "base's shapes")
+
+
+def mixtral_config(base_config: dict[str, Any], n_experts: int, top_k: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The base's config.json turned into Mixtral's: same dimensions, ``num_local_experts`` sparse MLPs."""
+    config = {k: v for k, v in base_config.items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp",
+                                                                 "architectures", "auto_map")}
+    config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=n_experts,
+                  num_experts_per_tok=top_k, output_router_logits=False, router_aux_loss_coef=0.001,
+                  router_jitter_noise=0.0, sliding_window=None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    return config
+
+
+def router_rows(config: MoeConfig, base_folder: Path, base: ModelReader, layers: int) -> torch.Tensor:
+    """``[layers, experts, hidden]`` router rows for the config's gate mode (see ``gates``)."""
+    hidden = base.shape("model.embed_tokens.weight")[1]
+    if config.gate_mode == "random":
+        return gates.random_rows(layers, len(config.experts), hidden, config.seed)
+    positive = [e.positive_prompts for e in config.experts]
+    negative = [e.negative_prompts for e in config.experts]
+    sets = positive + [n for n in negative if n]
+    if config.gate_mode == "hidden":
+        means = gates.hidden_means(base_folder, sets, layers)
+    else:
+        means = gates.embed_means(base_folder, base, sets, layers, base.config.get("rms_norm_eps", 1e-6))
+    found = iter(means[len(positive):])
+    return gates.discriminant_rows(means[: len(positive)], [next(found) if n else None for n in negative])
+
+
+def output_tensors(base: ModelReader, experts: list[ModelReader], rows: torch.Tensor):
+    """``(name, shape, read)`` for every output tensor in write order; ``read()`` loads it (float32 or raw)."""
+    n = len(experts)
+    for name in base.names:
+        match = MLP_TENSOR.match(name)
+        if match is None:
+            yield name, base.shape(name), lambda name=name: base.get(name)
+            continue
+        layer, part = int(match.group(1)), match.group(2)
+        prefix = f"model.layers.{layer}.block_sparse_moe"
+        if part == "gate_proj":
+            yield f"{prefix}.gate.weight", (n, rows.shape[-1]), lambda layer=layer: rows[layer]
+        for e, expert in enumerate(experts):
+            yield (f"{prefix}.experts.{e}.{EXPERT_NAMES[part]}.weight", base.shape(name),
+                   lambda expert=expert, name=name: expert.get(name))
+
+
+def assemble_moe(config: MoeConfig, out: str | Path, config_dir: Path | None = None, *, overwrite: bool = False,
+                 shard_size: int = 5 * 10**9, progress: bool = True) -> Path:
+    """Write the MoE model of ``config`` to ``out``; bad input raises ``MergelabError`` and writes nothing."""
+    from tqdm import tqdm
+
+    base_folder = Path(resolve_model_path(config.base_model, config_dir))
+    base = open_model(base_folder)
+    experts = {e.source_model: open_model(resolve_model_path(e.source_model, config_dir)) for e in config.experts}
+    try:
+        layers = check_base(base)
+        check_experts(base, experts)
+        floats = [base.dtype(n) for n in base.names if base.dtype(n).is_floating_point]
+        dtype = TORCH_DTYPES[config.dtype] if config.dtype else floats[0]
+        rows = router_rows(config, base_folder, base, layers)
+        readers = [experts[e.source_model] for e in config.experts]
+        tensors = list(output_tensors(base, readers, rows))
+        planned = [PlannedTensor(name, tuple(shape), dtype) for name, shape, _ in tensors]
+        shards = plan_shards(planned, shard_size)
+        names = shard_file_names(len(shards))
+        output = OutputFolder(Path(out), [base.folder, *(r.folder for r in readers)], overwrite, False, "")
+        try:
+            reads = iter(tensors)
+            bar = tqdm(total=len(tensors), unit="tensor", desc="assembling", disable=not progress)
+            for shard_name, shard in zip(names, shards):
+                writer = ShardWriter(output.partial / shard_name, shard)
+                try:
+                    for planned_tensor in shard:
+                        name, _, read = next(reads)
+                        tensor = read()
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                            raise CompatibilityError(f"tensor for '{name}' contains NaN or Inf; repair its model")
+                        writer.add(name, tensor.to(planned_tensor.dtype))
+                        bar.update(1)
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.close()
+            bar.close()
+            _write_metadata(output, config, base, planned, shards, names, dtype, layers)
+        except BaseException:
+            output.discard()
+            raise
+        return output.finish()
+    finally:
+        for reader in [base, *experts.values()]:
+            reader.close()
+
+
+def _write_metadata(output: OutputFolder, config: MoeConfig, base: ModelReader, planned: list[PlannedTensor],
+                    shards: list[list[PlannedTensor]], names: list[str], dtype: torch.dtype, layers: int) -> None:
+    """config.json (Mixtral's), the index when sharded, the base's tokenizer and generation config, moe.json."""
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in planned)},
+                 "weight_map": {t.name: names[i] for i, shard in enumerate(shards) for t in shard}}
+        output.write_text("model.safetensors.index.json", json.dumps(index, indent=2))
+    output.write_text("config.json", json.dumps(mixtral_config(base.config, len(config.experts),
+                                                                config.experts_per_token, dtype), indent=2))
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (base.folder / name).exists():
+            output.copy_in(base.folder / name)
+    output.write_text("moe.json", json.dumps({"config": config.model_dump(mode="json"), "layers": layers,
+                                              "experts": [e.source_model for e in config.experts]}, indent=1))

@@ -1,0 +1,28 @@
+"""``mergelab moe CONFIG OUT``: a Mixtral-style sparse model from a dense base and dense experts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def handler(args: argparse.Namespace) -> int:
+    from mergelab.moe.assemble import assemble_moe
+    from mergelab.moe.config import load_moe_config
+
+    config = load_moe_config(args.config)
+    out = assemble_moe(config, args.out, Path(args.config).parent, overwrite=args.overwrite,
+                       progress=sys.stderr.isatty())
+    print(f"mixture of {len(config.experts)} experts ({config.experts_per_token} per token, gate_mode "
+          f"{config.gate_mode}) written to {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("moe", help="assemble a Mixtral-style mixture of experts from dense fine-tunes",
+                              description=__doc__)
+    p.add_argument("config", help="YAML config in mergekit-moe's shape (base_model, gate_mode, experts, ...)")
+    p.add_argument("out", help="output model folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=handler)

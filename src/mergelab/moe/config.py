@@ -1,0 +1,101 @@
+"""The ``mergelab moe`` config, in mergekit-moe's shape, validated strictly.
+
+```yaml
+base_model: path/to/base          # attention, norms, embeddings and head come from here
+gate_mode: hidden                 # hidden | cheap_embed | random
+dtype: bfloat16                   # optional; default the base's
+experts_per_token: 2
+experts:
+  - source_model: path/to/expert_a
+    positive_prompts: ["..."]     # required for hidden and cheap_embed
+    negative_prompts: ["..."]     # optional
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from mergelab.config import DTYPE_ALIASES, DTYPES, closest
+from mergelab.errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExpertEntry(Strict):
+    source_model: str
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+
+
+class MoeConfig(Strict):
+    base_model: str
+    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = 2
+    experts: list[ExpertEntry]
+    seed: int = 0
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = DTYPE_ALIASES.get(value, value)
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+        return value
+
+
+def validate(config: MoeConfig, source: str) -> MoeConfig:
+    """Checks that need more than one field: expert count, top-k, and prompts where the gate mode needs them."""
+    n = len(config.experts)
+    if n < 2:
+        raise RecipeError(f"{source}: a mixture needs at least 2 experts, the config gives {n}")
+    if not 1 <= config.experts_per_token <= n:
+        raise RecipeError(f"{source}: experts_per_token is {config.experts_per_token} but must lie in 1..{n} "
+                          "(the number of experts)")
+    for i, expert in enumerate(config.experts):
+        for key in ("positive_prompts", "negative_prompts"):
+            prompts = getattr(expert, key)
+            if prompts is not None and (not prompts or not all(p.strip() for p in prompts)):
+                raise RecipeError(f"{source}: experts[{i}] ({expert.source_model}) has an empty {key} list or an "
+                                  "empty prompt; give at least one non-empty prompt or remove the key")
+        if config.gate_mode != "random" and not expert.positive_prompts:
+            raise RecipeError(f"{source}: experts[{i}] ({expert.source_model}) has no positive_prompts, which "
+                              f"gate_mode '{config.gate_mode}' needs; add prompts or use gate_mode: random")
+    return config
+
+
+def load_moe_config(path: str | Path) -> MoeConfig:
+    """Read and validate a YAML MoE config; a problem raises ``RecipeError`` naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"MoE config {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: an MoE config is a YAML mapping with 'base_model' and 'experts'")
+    try:
+        config = MoeConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            key = str(first["loc"][-1])
+            owner = ExpertEntry if "experts" in [str(p) for p in first["loc"]] else MoeConfig
+            hint = (" (shared experts, Qwen2-MoE style, are not supported: only Mixtral-style output)"
+                    if key in ("shared_experts", "architecture") else closest(key, list(owner.model_fields)))
+            raise RecipeError(f"{path}: unknown key '{key}' at {loc}{hint}; remove or rename it") from None
+        if first["type"] == "missing":
+            raise RecipeError(f"{path}: required key '{loc}' is missing; add it") from None
+        raise RecipeError(f"{path}: {loc}: {first['msg']}") from None
+    return validate(config, str(path))
