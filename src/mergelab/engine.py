@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergelab.checkpoint.reader import ModelReader, open_model
+from mergelab.checkpoint.reader import ModelReader
 from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, ShardWriter, plan_shards, shard_file_names
 from mergelab.config import Recipe
 from mergelab.errors import CheckpointError, MergelabError, OutputError, RecipeError
 from mergelab.methods.spec import BlockState, MethodCall
 from mergelab.output_files import write_model_files, write_record
-from mergelab.plan import MergePlan, TensorJob, build_plan, resolve_model_path
+from mergelab.plan import MergePlan, TensorJob, build_plan
 
 log = logging.getLogger("mergelab")
 
@@ -84,9 +84,13 @@ class MergeStats:
 
 
 def open_inputs(recipe: Recipe, recipe_dir: Path | None, allow_pickle: bool) -> dict[str, ModelReader]:
-    """Open every model the recipe names, keyed by its reference as written in the recipe."""
-    return {ref: open_model(resolve_model_path(ref, recipe_dir), allow_pickle=allow_pickle)
-            for ref in recipe.model_paths()}
+    """Open every model the recipe names, keyed by its reference as written in the recipe (peft LoRA adapters,
+    alone or as BASE+ADAPTER, are opened as their base with the adapter applied on read: ``lora.adapted``)."""
+    from mergelab.lora.adapted import check_adapter_bases, open_input
+
+    readers = {ref: open_input(ref, recipe_dir, allow_pickle) for ref in recipe.model_paths()}
+    check_adapter_bases(recipe, readers)
+    return readers
 
 
 def tensor_seed(seed: int, name: str) -> int:

@@ -1,0 +1,141 @@
+"""PEFT LoRA adapters as merge inputs: the adapted tensors equal peft's own merge_and_unload() (plain LoRA,
+rsLoRA, DoRA, embedding LoRA, modules_to_save), whole and in row blocks; a recipe merge over adapters equals the
+same merge over peft-materialised copies; wrong bases and NaN adapters are refused with nothing written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tinymodels import load_folder, make_base, write_recipe
+
+from mergelab.cli import main
+from mergelab.config import parse_recipe
+from mergelab.engine import MergeOptions, open_inputs, run_merge
+from mergelab.errors import CompatibilityError
+from mergelab.lora.adapted import AdaptedReader, open_input
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = {
+    "lora": dict(r=4, lora_alpha=8, target_modules=LINEAR + ["embed_tokens"], modules_to_save=["lm_head"]),
+    "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=LINEAR,
+                   rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3}),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=LINEAR),
+}
+
+
+def make_adapter(base, path, seed: int, **lora_kwargs):
+    """A peft adapter on ``base`` with every adapter parameter randomised (peft starts B at zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**lora_kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def peft_merged(base, adapter) -> dict[str, torch.Tensor]:
+    """peft's own answer: the adapter merged into the base by merge_and_unload()."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = make_base(root / "base")
+    adapters = {name: make_adapter(base, root / name, seed=i, **kw) for i, (name, kw) in enumerate(VARIANTS.items())}
+    return root, base, adapters
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_adapted_tensors_equal_peft_merge_and_unload(models, variant):
+    root, base, adapters = models
+    expected = peft_merged(base, adapters[variant])
+    reader = open_input(str(adapters[variant]), None)
+    assert isinstance(reader, AdaptedReader) and reader.folder == base
+    changed = 0
+    for name in reader.names:
+        got = reader.get(name)
+        torch.testing.assert_close(got, expected[name], rtol=1e-6, atol=1e-6)
+        rows = (3, min(11, got.shape[0]))
+        torch.testing.assert_close(reader.get(name, rows), expected[name][rows[0]: rows[1]], rtol=1e-6, atol=1e-6)
+        changed += not torch.equal(got, load_folder(base)[name])
+    assert changed >= 14  # every adapted matrix moved
+    reader.close()
+
+
+def test_merge_over_adapters_equals_merge_over_materialised_copies(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, base, adapters = models
+    copies = {}
+    for name in ("lora", "dora"):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        model.load_state_dict(peft_merged(base, adapters[name]))
+        model.save_pretrained(tmp_path / f"full_{name}")
+        copies[name] = tmp_path / f"full_{name}"
+
+    def recipe(first, second):
+        return {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+                "parameters": {"weight": 0.7},
+                "models": [{"model": str(first)}, {"model": str(second)}]}
+
+    options = MergeOptions(progress=False)
+    run_merge(parse_recipe(recipe(adapters["lora"], f"{base}+{adapters['dora']}")), tmp_path / "via_adapters",
+              options)
+    run_merge(parse_recipe(recipe(copies["lora"], copies["dora"])), tmp_path / "via_copies", options)
+    via_adapters, via_copies = load_folder(tmp_path / "via_adapters"), load_folder(tmp_path / "via_copies")
+    assert via_adapters.keys() == via_copies.keys()
+    for name in via_copies:
+        torch.testing.assert_close(via_adapters[name], via_copies[name], rtol=1e-6, atol=1e-6)
+    # diagnose reads both outputs and compares them with the same parents
+    assert main(["diagnose", str(tmp_path / "via_adapters"), "--base", str(base), "--experts", str(copies["lora"]),
+                 str(copies["dora"]), "--out", str(tmp_path / "diag"), "--no-activations", "--no-svd"]) == 0
+
+
+def test_adapter_for_another_base_is_refused(models, tmp_path, capsys):
+    root, base, adapters = models
+    other = make_base(tmp_path / "other", seed=5)  # same shapes, other weights
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "task_arithmetic", "base_model": str(other),
+                                               "models": [{"model": str(adapters["lora"]),
+                                                           "parameters": {"weight": 1.0}}]})
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert f"was trained on {base}, not on the recipe's base_model" in capsys.readouterr().err
+    wide = make_base(tmp_path / "wide", hidden=48)
+    with pytest.raises(CompatibilityError, match="trained for another base model"):
+        open_input(f"{wide}+{adapters['dora']}", None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_nan_in_an_adapter_stops_the_merge(models, tmp_path, capsys):
+    root, base, adapters = models
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["rslora"], broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "dtype": "float32",
+                                               "models": [{"model": str(broken), "parameters": {"weight": 1.0}}]})
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    assert "'model.layers.1.mlp.up_proj.weight' contains NaN" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_recipe_readers_open_every_form(models, tmp_path):
+    root, base, adapters = models
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": "lora"}, {"model": "base+dora"}]})
+    readers = open_inputs(recipe, root, False)
+    assert {type(r).__name__ for r in readers.values()} == {"AdaptedReader"}
+    assert readers["base+dora"].adapter_folder == root / "dora"
