@@ -139,3 +139,18 @@ def test_recipe_readers_open_every_form(models, tmp_path):
     readers = open_inputs(recipe, root, False)
     assert {type(r).__name__ for r in readers.values()} == {"AdaptedReader"}
     assert readers["base+dora"].adapter_folder == root / "dora"
+
+
+def test_check_describes_adapter_inputs(models, tmp_path, capsys):
+    root, base, adapters = models
+    recipe = write_recipe(tmp_path / "r.yml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                               "models": [{"model": str(adapters["rslora"]),
+                                                           "parameters": {"weight": 1.0}},
+                                                          {"model": f"{base}+{adapters['dora']}",
+                                                           "parameters": {"weight": 1.0}}]})
+    assert main(["check", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    # rsLoRA: alpha / sqrt(r) with r=8, alpha 4 (and alpha 3 on q_proj; r=2 on down_proj)
+    assert "peft LoRA adapter applied on read" in out and "rank 2/8" in out
+    assert f"{4 / 8 ** 0.5:g}" in out and f"{3 / 8 ** 0.5:g}" in out and f"{4 / 2 ** 0.5:g}" in out
+    assert "DoRA on 14" in out and "named as BASE+ADAPTER" in out

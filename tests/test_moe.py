@@ -115,3 +115,20 @@ def test_bad_configs_are_refused_and_nothing_written(family, tmp_path, capsys):
     assert main(["moe", str(tmp_path / "empty.yml"), str(tmp_path / "out2")]) == 2
     assert "experts[2]" in capsys.readouterr().err
     assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_check_reports_an_moe_config_without_writing(family, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tmp_path / "moe.yml", family, "hidden")
+    assert main(["check", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "the MoE assembly would run" in text and "2 layers x 3 experts, 2 per token" in text
+    assert main(["moe", str(config), str(tmp_path / "moe")]) == 0
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "moe").parameters())
+    assert f"{params / 1e6:.1f} M parameters" in capsys.readouterr().out + text
+    broken = yaml.safe_load(config.read_text())
+    broken["experts"][0]["positive_prompts"] = []
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(broken))
+    assert main(["check", str(tmp_path / "bad.yml")]) == 1
+    assert "NOT run" in capsys.readouterr().out

@@ -70,12 +70,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mergelab.config import load_recipe
     from mergelab.engine import open_inputs
     from mergelab.errors import MergelabError
+    from mergelab.lora.adapted import adapter_notes
+    from mergelab.moe.check import check_moe, is_moe_config
 
+    if is_moe_config(args.recipe):  # a ``mergelab moe`` config rather than a merge recipe
+        report = check_moe(args.recipe)
+        print(format_report(report).replace("the merge would", "the MoE assembly would", 1))
+        return 0 if report.ok else 1
     try:
         recipe = load_recipe(args.recipe)
         readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
         report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
                        similarity=not args.no_similarity)
+        report.notes += adapter_notes(readers)
     except MergelabError as error:
         report = CheckReport(problems=[str(error)])
     print(format_report(report))
@@ -84,7 +91,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def register_check(subparsers) -> None:
     p = subparsers.add_parser("check", help="report whether a recipe would merge and what it would do (no writes)")
-    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("recipe", help="YAML recipe, or a 'mergelab moe' config")
     p.add_argument("--no-similarity", action="store_true",
                    help="skip the task-vector norms and cosines (which read every weight)")
     add_merge_flags(p)

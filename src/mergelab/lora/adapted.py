@@ -211,3 +211,20 @@ def check_adapter_bases(recipe: Recipe, readers: dict[str, ModelReader]) -> None
             raise CompatibilityError(f"adapter {ref} was trained on {reader.base.folder}, not on the recipe's "
                                      f"base_model {recipe.base_model}; write {recipe.base_model}+{ref} to apply it "
                                      "to the recipe's base anyway, or use its own base")
+
+
+def adapter_notes(readers: dict[str, ModelReader]) -> list[str]:
+    """``mergelab check``'s lines on adapter inputs: base, ranks, scales and variants of each."""
+    notes = []
+    for ref, reader in readers.items():
+        if not isinstance(reader, AdaptedReader):
+            continue
+        ranks = sorted({d.a.shape[0] for d in reader.deltas.values()})
+        scales = sorted({round(d.scale, 6) for d in reader.deltas.values()})
+        dora = sum(d.magnitude is not None for d in reader.deltas.values())
+        notes.append(f"{ref}: peft LoRA adapter applied on read to base {reader.base.folder} "
+                     f"({'named as BASE+ADAPTER' if reader.base_given else 'from adapter_config.json'}): "
+                     f"{len(reader.deltas)} adapted tensors, rank {'/'.join(map(str, ranks))}, scale "
+                     f"{'/'.join(f'{s:g}' for s in scales)}" + (f", DoRA on {dora}" if dora else "")
+                     + (f", {len(reader.replaced)} tensors replaced whole" if reader.replaced else ""))
+    return notes
