@@ -37,7 +37,8 @@ def _config(path, family, gate_mode):
 
 def _top1_share(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     """Share of routing decisions (tokens x layers) that pick each expert first, from the model's router logits."""
-    counts = torch.zeros(model.config.num_local_experts)
+    experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    counts = torch.zeros(experts)
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -123,7 +124,7 @@ def test_check_reports_an_moe_config_without_writing(family, tmp_path, capsys):
     config = _config(tmp_path / "moe.yml", family, "hidden")
     assert main(["check", str(config)]) == 0
     text = capsys.readouterr().out
-    assert "the MoE assembly would run" in text and "2 layers x 3 experts, 2 per token" in text
+    assert "the MoE assembly would run" in text and "mixtral output: 2 layers x 3 experts, 2 per token" in text
     assert main(["moe", str(config), str(tmp_path / "moe")]) == 0
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "moe").parameters())
     assert f"{params / 1e6:.1f} M parameters" in capsys.readouterr().out + text
@@ -132,3 +133,47 @@ def test_check_reports_an_moe_config_without_writing(family, tmp_path, capsys):
     (tmp_path / "bad.yml").write_text(yaml.safe_dump(broken))
     assert main(["check", str(tmp_path / "bad.yml")]) == 1
     assert "NOT run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe"])
+def test_experts_equal_to_the_base_reproduce_the_base(family, tmp_path, architecture):
+    """Router weights of the top-k experts sum to 1, so a mixture of copies of the base MLP is the base MLP: the
+    MoE's logits equal the dense base's (a check of the whole layout and config; qwen2_moe's shared expert is
+    scaled to zero)."""
+    from transformers import AutoModelForCausalLM
+
+    config = {"base_model": str(family / "base"), "gate_mode": "random", "architecture": architecture,
+              "experts": [{"source_model": str(family / "base")}] * 3}
+    if architecture == "qwen2_moe":
+        config["shared_experts"] = [{"source_model": str(family / SKILLS[0]), "residual_scale": 0.0}]
+    (tmp_path / "same.yml").write_text(yaml.safe_dump(config))
+    assert main(["moe", str(tmp_path / "same.yml"), str(tmp_path / "moe")]) == 0
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert moe.config.model_type == architecture
+    dense = AutoModelForCausalLM.from_pretrained(family / "base").eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2_moe_routes_and_keeps_the_shared_expert(family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
+
+    config = yaml.safe_load(_config(tmp_path / "moe.yml", family, "hidden").read_text())
+    config["shared_experts"] = [{"source_model": str(family / "base"), "residual_scale": 2.0}]
+    (tmp_path / "qwen.yml").write_text(yaml.safe_dump(config))
+    assert main(["moe", str(tmp_path / "qwen.yml"), str(tmp_path / "moe")]) == 0
+    written = load_file(tmp_path / "moe" / "model.safetensors")
+    base = load_file(family / "base" / "model.safetensors")
+    torch.testing.assert_close(written["model.layers.0.mlp.shared_expert.down_proj.weight"],
+                               2.0 * base["model.layers.0.mlp.down_proj.weight"])
+    assert not written["model.layers.0.mlp.shared_expert_gate.weight"].any()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert isinstance(model, Qwen2MoeForCausalLM)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "moe")
+    for e, skill in enumerate(SKILLS):
+        assert int(_top1_share(model, tokenizer, _prompts(skill, "test", 8)).argmax()) == e
+    config["architecture"] = "mixtral"
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(config))
+    assert main(["moe", str(tmp_path / "bad.yml"), str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -151,16 +151,19 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise _explain(error, source) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
-    path = Path(path)
+def read_yaml(path: Path, what: str = "recipe file") -> Any:
+    """The parsed content of a YAML file; a missing file or bad syntax raises ``RecipeError``."""
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist; check the path")
+        raise RecipeError(f"{what} {path} does not exist; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
-    return parse_recipe(data, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    return parse_recipe(read_yaml(Path(path)), str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:
