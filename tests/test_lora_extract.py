@@ -91,3 +91,6 @@ def test_rank_above_a_matrix_is_refused_and_nothing_written(pair, tmp_path, caps
     assert not out.exists() and not (tmp_path / "too_big.partial").exists()
     with pytest.raises(RecipeError, match="--rank R or --energy"):
         RankRule()
+    assert main(["extract-lora", str(base), str(out), "--base", str(base), "--rank", "4"]) == 2
+    assert "there is no task vector to extract" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "too_big.partial").exists()

@@ -210,6 +210,9 @@ def extract_lora(finetuned: str | Path, base: str | Path, out: str | Path, rule:
                 elif not lora_only:
                     tensors[f"{KEY_PREFIX}{name}"] = tuned_reader.get(name).clone()
                     full_modules.append(module)
+            if not modules:
+                raise CompatibilityError(f"no layer matrix of {tuned_reader.folder} differs from the base "
+                                         f"{base_reader.folder}; there is no task vector to extract")
             record = {"finetuned": str(tuned_reader.folder), "base": str(base_reader.folder),
                       "rule": {"rank": rule.rank, "rank_for": rule.rank_for, "energy": rule.energy},
                       "parameters": sum(t.numel() for k, t in tensors.items() if ".lora_" in k),
