@@ -20,7 +20,7 @@ def handler(args: argparse.Namespace) -> int:
     rule = RankRule(args.rank, dict(args.rank_for or []), args.energy)
     record = extract_lora(args.finetuned, args.base, args.out, rule,
                           dtype=TORCH_DTYPES[args.dtype] if args.dtype else None, lora_only=args.lora_only,
-                          overwrite=args.overwrite, progress=sys.stderr.isatty())
+                          overwrite=args.overwrite, threads=args.threads, progress=sys.stderr.isatty())
     print(summary(record))
     print(f"adapter written to {args.out} (per-module errors in lora_extraction.json)")
     return 0
@@ -45,5 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-only", action="store_true",
                    help="leave out changed tensors that are not layer matrices (norms, embeddings, head) instead "
                         "of saving them whole as modules_to_save")
+    p.add_argument("--threads", type=int, default=None,
+                   help="matrices factorised side by side, one torch thread each (default: the cores, at most 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=handler)

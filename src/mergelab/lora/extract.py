@@ -8,16 +8,19 @@ Frobenius norm, with relative error ``sqrt(sum_{i>k} s_i^2) / ||D||_F``; that er
 rank and for every power-of-two rank, so a user can choose one. Tensors that changed but are not layer
 matrices (norms, embeddings, head) are saved whole as peft ``modules_to_save`` unless ``lora_only``.
 
-Streaming: one matrix is read, factorised and reduced to its factors at a time, so memory holds the largest
-matrix's SVD plus the adapter being built (which is written once, atomically, at the end).
+Streaming: each matrix is read, factorised and reduced to its factors on its own, at most ``threads + 1`` at a
+time, so memory holds that many matrices' SVDs plus the adapter being built (written once, atomically, at the
+end), whatever the model's size.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
+import os
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,6 @@ from mergelab.checkpoint.writer import OutputFolder
 from mergelab.errors import CompatibilityError, RecipeError
 from mergelab.lora.peft_format import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, pattern_value
 
-log = logging.getLogger("mergelab")
 RECORD_FILE = "lora_extraction.json"
 WEIGHT_SUFFIX = ".weight"
 
@@ -178,38 +180,70 @@ def model_curve(modules: dict[str, dict[str, Any]]) -> dict[int, float]:
     return curve
 
 
+def _extract_one(name: str, tuned: ModelReader, base: ModelReader, targets: set[str], rule: RankRule,
+                 dtype: torch.dtype | None, lora_only: bool) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    """One tensor's contribution: ``(kind, adapter tensors, record)`` with kind ``lora``, ``full``, ``unchanged``
+    (a layer matrix equal in both) or ``skip``."""
+    delta = tuned.get(name).float() - base.get(name).float()
+    module = name.rsplit(".", 1)[0]
+    if not bool(delta.any()):
+        return ("unchanged" if name in targets else "skip"), {}, None
+    if name in targets:
+        a, b, entry = factorise(delta, module, rule, dtype or base.dtype(name))
+        return "lora", {f"{KEY_PREFIX}{module}.lora_A.weight": a, f"{KEY_PREFIX}{module}.lora_B.weight": b}, entry
+    if lora_only:
+        return "skip", {}, None
+    return "full", {f"{KEY_PREFIX}{name}": tuned.get(name).clone()}, None
+
+
 def extract_lora(finetuned: str | Path, base: str | Path, out: str | Path, rule: RankRule, *,
                  dtype: torch.dtype | None = None, lora_only: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
-    """Write a peft adapter for ``finetuned`` over ``base`` to ``out``; return the extraction record."""
+                 threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Write a peft adapter for ``finetuned`` over ``base`` to ``out``; return the extraction record.
+
+    Matrices are factorised side by side on ``threads`` threads (default: the cores, at most 4), each SVD on one
+    torch thread, at most ``threads + 1`` in flight: as in the engine, independent single-threaded pieces beat
+    multi-threaded operators on a busy machine (one 1536 x 576 SVD took 0.34 s on one thread and 5.6 s on two
+    on the shared 2-core VM), and the result does not depend on the thread count.
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    lanes = threads or max(1, min(4, os.cpu_count() or 1))
     tuned_reader, base_reader = open_model(finetuned), open_model(base)
+    torch_threads = torch.get_num_threads()
     try:
         check_pair(tuned_reader, base_reader)
-        targets = low_rank_targets(base_reader)
-        check_ranks(base_reader, targets, rule)
+        targets = set(low_rank_targets(base_reader))
+        check_ranks(base_reader, sorted(targets), rule)
         output = OutputFolder(Path(out), [tuned_reader.folder, base_reader.folder], overwrite, False, "")
         try:
             tensors: dict[str, torch.Tensor] = {}
             modules: dict[str, dict[str, Any]] = {}
             unchanged, full_modules = [], []
-            for name in tqdm(base_reader.names, unit="tensor", desc="extracting", disable=not progress):
-                delta = tuned_reader.get(name).float() - base_reader.get(name).float()
-                module = name.rsplit(".", 1)[0]
-                if not bool(delta.any()):
-                    if name in targets:
+            torch.set_num_threads(1)
+            bar = tqdm(total=len(base_reader.names), unit="tensor", desc="extracting", disable=not progress)
+            with ThreadPoolExecutor(max_workers=lanes) as pool:
+                window: deque = deque()
+                names = iter(base_reader.names)
+                while True:
+                    while len(window) <= lanes and (name := next(names, None)) is not None:
+                        window.append((name, pool.submit(_extract_one, name, tuned_reader, base_reader,
+                                                         targets, rule, dtype, lora_only)))
+                    if not window:
+                        break
+                    name, future = window.popleft()
+                    kind, found, entry = future.result()
+                    tensors.update(found)
+                    module = name.rsplit(".", 1)[0]
+                    if kind == "lora":
+                        modules[module] = entry
+                    elif kind == "unchanged":
                         unchanged.append(module)
-                    continue
-                if name in targets:
-                    a, b, entry = factorise(delta, module, rule, dtype or base_reader.dtype(name))
-                    tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = a
-                    tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = b
-                    modules[module] = entry
-                elif not lora_only:
-                    tensors[f"{KEY_PREFIX}{name}"] = tuned_reader.get(name).clone()
-                    full_modules.append(module)
+                    elif kind == "full":
+                        full_modules.append(module)
+                    bar.update(1)
+            bar.close()
             if not modules:
                 raise CompatibilityError(f"no layer matrix of {tuned_reader.folder} differs from the base "
                                          f"{base_reader.folder}; there is no task vector to extract")
@@ -230,6 +264,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, out: str | Path, rule:
             raise
         output.finish()
     finally:
+        torch.set_num_threads(torch_threads)
         tuned_reader.close()
         base_reader.close()
     return record
