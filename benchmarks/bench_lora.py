@@ -99,7 +99,8 @@ def main() -> None:
     base = write_base(root, args.shape)
     adapter, full, tuned = root / "adapter", root / "materialised", root / "finetune"
     for folder in (adapter, full, tuned, root / "out-adapter", root / "out-full", root / "extracted"):
-        shutil.rmtree(folder, ignore_errors=True)
+        for leftover in (folder, folder.with_name(folder.name + ".partial")):  # a killed earlier run
+            shutil.rmtree(leftover, ignore_errors=True)
     subprocess.run([sys.executable, "-c", MAKE_ADAPTER, str(base), str(adapter), str(args.rank)], check=True, env=env)
     subprocess.run(["cat", str(base / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # warm cache
 

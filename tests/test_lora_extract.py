@@ -57,10 +57,14 @@ def test_truncated_error_is_eckart_young_of_a_numpy_svd(pair, tmp_path):
 
     factors = load_file(tmp_path / "r4" / "adapter_model.safetensors")
     assert len(record["modules"]) == 14
+    residual, energy = {2: 0.0, 4: 0.0, 16: 0.0}, 0.0
     for module, entry in record["modules"].items():
         delta = (after[module + ".weight"].double() - before[module + ".weight"].double()).numpy()
         sigma = np.linalg.svd(delta, compute_uv=False)
         expected = math.sqrt((sigma[4:] ** 2).sum() / (sigma ** 2).sum())
+        energy += (sigma ** 2).sum()
+        for k in residual:
+            residual[k] += (sigma[k:] ** 2).sum()
         assert entry["rank"] == 4
         assert entry["relative_error"] == pytest.approx(expected, rel=1e-4)
         assert entry["error_at_rank"][8] == pytest.approx(math.sqrt((sigma[8:] ** 2).sum() / (sigma ** 2).sum()),
@@ -69,6 +73,8 @@ def test_truncated_error_is_eckart_young_of_a_numpy_svd(pair, tmp_path):
         b = factors[f"base_model.model.{module}.lora_B.weight"].double().numpy()
         assert a.shape == (4, delta.shape[1]) and b.shape == (delta.shape[0], 4)
         assert np.linalg.norm(delta - b @ a) / np.linalg.norm(delta) == pytest.approx(expected, rel=1e-4)
+    for k, value in residual.items():  # the whole model's curve: residual energy over all matrices
+        assert record["error_at_rank"][k] == pytest.approx(math.sqrt(value / energy), rel=1e-4)
 
 
 def test_energy_threshold_keeps_the_fewest_triplets_reaching_it(pair, tmp_path):
@@ -94,3 +100,17 @@ def test_rank_above_a_matrix_is_refused_and_nothing_written(pair, tmp_path, caps
     assert main(["extract-lora", str(base), str(out), "--base", str(base), "--rank", "4"]) == 2
     assert "there is no task vector to extract" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "too_big.partial").exists()
+
+
+def test_a_partial_folder_from_an_interrupted_run_is_refused_or_replaced(pair, tmp_path, capsys):
+    base, tuned = pair
+    out = tmp_path / "adapter"
+    (tmp_path / "adapter.partial").mkdir()
+    (tmp_path / "adapter.partial" / "adapter_model.safetensors.tmp").write_bytes(b"half")
+    args = ["extract-lora", str(tuned), str(out), "--base", str(base), "--rank", "2"]
+    assert main(args) == 2
+    assert "adapter.partial was left by an interrupted run; delete it or pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "lora_extraction.json"]
+    assert not (tmp_path / "adapter.partial").exists()

@@ -29,9 +29,9 @@ import torch
 
 from mergelab.checkpoint.layout import layer_index, module_kind
 from mergelab.checkpoint.reader import ModelReader, open_model
-from mergelab.checkpoint.writer import OutputFolder
 from mergelab.errors import CompatibilityError, RecipeError
 from mergelab.lora.peft_format import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, pattern_value
+from mergelab.one_shot_output import one_shot_output
 
 RECORD_FILE = "lora_extraction.json"
 WEIGHT_SUFFIX = ".weight"
@@ -167,17 +167,13 @@ def summary(record: dict[str, Any]) -> str:
 
 
 def model_curve(modules: dict[str, dict[str, Any]]) -> dict[int, float]:
-    """The whole model's relative error at each rank: sqrt(sum of residual energies / sum of energies)."""
-    ranks = sorted({k for e in modules.values() for k in e["error_at_rank"]})
+    """The whole model's relative error at each power-of-two rank: sqrt(sum of residual energies / sum of
+    energies), a module at or above its full rank contributing nothing."""
+    largest = max((e["max_rank"] for e in modules.values()), default=1)
+    ranks = [2 ** p for p in range(int(math.log2(largest)) + 1)]
     total = sum(e["norm"] ** 2 for e in modules.values()) or 1.0
-    curve = {}
-    for k in ranks:
-        residual = 0.0
-        for e in modules.values():
-            below = [r for r in e["error_at_rank"] if r >= k]
-            residual += (e["error_at_rank"][min(below)] if below else 0.0) ** 2 * e["norm"] ** 2
-        curve[k] = math.sqrt(residual / total)
-    return curve
+    return {k: math.sqrt(sum((e["error_at_rank"][k] * e["norm"]) ** 2 for e in modules.values() if k < e["max_rank"])
+                         / total) for k in ranks}
 
 
 def _extract_one(name: str, tuned: ModelReader, base: ModelReader, targets: set[str], rule: RankRule,
@@ -216,7 +212,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, out: str | Path, rule:
         check_pair(tuned_reader, base_reader)
         targets = set(low_rank_targets(base_reader))
         check_ranks(base_reader, sorted(targets), rule)
-        output = OutputFolder(Path(out), [tuned_reader.folder, base_reader.folder], overwrite, False, "")
+        output = one_shot_output(Path(out), [tuned_reader.folder, base_reader.folder], overwrite)
         try:
             tensors: dict[str, torch.Tensor] = {}
             modules: dict[str, dict[str, Any]] = {}

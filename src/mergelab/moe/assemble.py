@@ -31,6 +31,7 @@ from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, ShardWriter,
 from mergelab.errors import CompatibilityError
 from mergelab.moe import gates
 from mergelab.moe.config import MoeConfig
+from mergelab.one_shot_output import one_shot_output
 from mergelab.output_files import TOKENIZER_FILES
 from mergelab.plan import TORCH_DTYPES, resolve_model_path
 
@@ -178,7 +179,7 @@ def assemble_moe(config: MoeConfig, out: str | Path, config_dir: Path | None = N
         planned = [PlannedTensor(name, tuple(shape), dtype) for name, shape, _ in tensors]
         shards = plan_shards(planned, shard_size)
         names = shard_file_names(len(shards))
-        output = OutputFolder(Path(out), [base.folder, *(r.folder for r in readers)], overwrite, False, "")
+        output = one_shot_output(Path(out), [base.folder, *(r.folder for r in readers)], overwrite)
         try:
             reads = iter(tensors)
             bar = tqdm(total=len(tensors), unit="tensor", desc="assembling", disable=not progress)
