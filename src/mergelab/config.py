@@ -24,6 +24,16 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half
 Scalar = Union[bool, int, float, str]
 
 
+def known_dtype(value: str | None) -> str | None:
+    """A dtype name with its alias resolved (``bf16`` -> ``bfloat16``); pydantic reports the ValueError."""
+    if value is None:
+        return None
+    value = DTYPE_ALIASES.get(value, value)
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+    return value
+
+
 class Conditional(BaseModel):
     """A filtered value: applies to tensors whose name contains ``filter`` (all when absent or ``*``)."""
 
@@ -74,12 +84,7 @@ class Recipe(Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = DTYPE_ALIASES.get(value, value)
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-        return value
+        return known_dtype(value)
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergelab.config import DTYPE_ALIASES, DTYPES, closest, read_yaml
+from mergelab.config import closest, known_dtype, read_yaml
 from mergelab.errors import RecipeError
 
 
@@ -55,12 +55,7 @@ class MoeConfig(Strict):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = DTYPE_ALIASES.get(value, value)
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-        return value
+        return known_dtype(value)
 
 
 def validate(config: MoeConfig, source: str) -> MoeConfig:
