@@ -155,3 +155,22 @@ def test_check_describes_adapter_inputs(models, tmp_path, capsys):
     assert "peft LoRA adapter applied on read" in out and "rank 2/8" in out
     assert f"{4 / 8 ** 0.5:g}" in out and f"{3 / 8 ** 0.5:g}" in out and f"{4 / 2 ** 0.5:g}" in out
     assert "DoRA on 14" in out and "named as BASE+ADAPTER" in out
+
+
+def test_bfloat16_base_rounds_once(tmp_path):
+    """On a bfloat16 base, peft rounds the delta to bfloat16 and then the sum (two roundings); mergelab adds in
+    float32 and rounds once. Both agree to one bfloat16 step, and mergelab's is the float32 sum correctly rounded."""
+    base = make_base(tmp_path / "base16", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "lora16", seed=3, r=4, lora_alpha=8, target_modules=LINEAR)
+    expected = peft_merged(base, adapter)
+    reader = open_input(str(adapter), None)
+    factors = load_file(adapter / "adapter_model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    got = reader.get(name)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected[name].float(), rtol=2 ** -7, atol=0.0)
+    a = factors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].float()
+    b = factors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].float()
+    exact = load_folder(base)[name].float() + 2.0 * b @ a
+    assert torch.equal(got, exact.to(torch.bfloat16))
+    reader.close()
