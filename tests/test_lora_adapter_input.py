@@ -4,6 +4,7 @@ same merge over peft-materialised copies; wrong bases and NaN adapters are refus
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -100,9 +101,14 @@ def test_merge_over_adapters_equals_merge_over_materialised_copies(models, tmp_p
     assert via_adapters.keys() == via_copies.keys()
     for name in via_copies:
         torch.testing.assert_close(via_adapters[name], via_copies[name], rtol=1e-6, atol=1e-6)
-    # diagnose reads both outputs and compares them with the same parents
-    assert main(["diagnose", str(tmp_path / "via_adapters"), "--base", str(base), "--experts", str(copies["lora"]),
-                 str(copies["dora"]), "--out", str(tmp_path / "diag"), "--no-activations", "--no-svd"]) == 0
+    # diagnose compares the adapter merge with its full-weight equivalent, given as the "expert"
+    assert main(["diagnose", str(tmp_path / "via_adapters"), "--base", str(base), "--experts",
+                 str(tmp_path / "via_copies"), "--out", str(tmp_path / "diag"), "--no-activations"]) == 0
+    weights = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())["weights"]
+    assert weights["cosine"]["global"][0][1] == pytest.approx(1.0, abs=1e-9)
+    norms = weights["task_vector_norm"]
+    assert norms[weights["cosine"]["labels"][0]]["total"] == pytest.approx(
+        norms[weights["cosine"]["labels"][1]]["total"], rel=1e-6)
 
 
 def test_adapter_for_another_base_is_refused(models, tmp_path, capsys):
