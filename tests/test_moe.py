@@ -177,3 +177,24 @@ def test_qwen2_moe_routes_and_keeps_the_shared_expert(family, tmp_path):
     (tmp_path / "bad.yml").write_text(yaml.safe_dump(config))
     assert main(["moe", str(tmp_path / "bad.yml"), str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_negative_prompts_steer_an_expert_away(family, tmp_path):
+    """Expert 0 given expert 1's prompts as negatives gets a lower router logit on held-out prompts of that skill
+    (layer 0, where the MoE's router input is exactly the base's), and still wins on its own prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logits = {}
+    for label in ("plain", "negative"):
+        config = yaml.safe_load(_config(tmp_path / f"{label}.yml", family, "hidden").read_text())
+        if label == "negative":
+            config["experts"][0]["negative_prompts"] = _prompts(SKILLS[1], "train", 12)
+        (tmp_path / f"{label}.yml").write_text(yaml.safe_dump(config))
+        assert main(["moe", str(tmp_path / f"{label}.yml"), str(tmp_path / label)]) == 0
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / label).eval()
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / label)
+        ids = tokenizer(" ".join(_prompts(SKILLS[1], "test", 8)), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits[label] = model(ids, output_router_logits=True).router_logits[0][:, 0].mean()
+        assert int(_top1_share(model, tokenizer, _prompts(SKILLS[0], "test", 8)).argmax()) == 0
+    assert logits["negative"] < logits["plain"], logits
