@@ -47,7 +47,7 @@ MISTAKES = [
     Mistake("unknown dtype", ["merge", "typo_dtype.yml", "out"], ["bf17", "bfloat16"]),
     Mistake("missing model folder", ["merge", "missing_model.yml", "out"], ["models/expert9", "does not exist"]),
     Mistake("Hub id", ["merge", "hub.yml", "out"], ["Qwen/Qwen2.5-0.5B", "huggingface-cli download"]),
-    Mistake("PEFT adapter as a model", ["merge", "adapter.yml", "out"], ["lora_adapter", "PEFT LoRA adapter"]),
+    Mistake("PEFT adapter as a model", ["merge", "adapter.yml", "out"], ["lora_adapter", "base model 'x'"]),
     Mistake("GGUF file as a model", ["merge", "gguf.yml", "out"], ["model-q4.gguf", "GGUF", "save_pretrained"]),
     Mistake("weights file instead of folder", ["merge", "file.yml", "out"], ["model.safetensors", "folder"]),
     Mistake("pickled checkpoint", ["merge", "pickled.yml", "out"], ["pickled", "--allow-pickle"]),

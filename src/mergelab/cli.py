@@ -24,7 +24,7 @@ log = logging.getLogger("mergelab")
 
 # Sub-command modules that add themselves with ``register(subparsers)``; imported only when present.
 SUBCOMMAND_MODULES = ("mergelab.zoo.cli", "mergelab.evaluation.cli", "mergelab.diagnostics.cli",
-                      "mergelab.study.cli")
+                      "mergelab.study.cli", "mergelab.lora.cli", "mergelab.moe.cli")
 
 
 def _size(text: str) -> int:
@@ -117,13 +117,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mergelab.config import load_recipe
     from mergelab.engine import open_inputs
     from mergelab.errors import MergelabError
+    from mergelab.lora.adapted import adapter_notes
+    from mergelab.moe.check import check_moe, is_moe_config
 
+    if is_moe_config(args.recipe):  # a ``mergelab moe`` config rather than a merge recipe
+        report = check_moe(args.recipe)
+        print(format_report(report).replace("the merge would", "the MoE assembly would", 1))
+        return 0 if report.ok else 1
     try:
         recipe = load_recipe(args.recipe)
         with naming_the_recipe(args.recipe):
             readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
             report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
                            similarity=not args.no_similarity)
+        report.notes += adapter_notes(readers)
     except MergelabError as error:
         report = CheckReport(problems=[str(error)])
     print(format_report(report))
@@ -133,8 +140,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def register_check(subparsers) -> None:
     p = subparsers.add_parser("check", help="report whether a recipe would merge and what it would do (no writes)",
                               **examples("mergelab check recipe.yml",
-                                         "mergelab check recipe.yml --no-similarity   # skip reading every weight"))
-    p.add_argument("recipe", help="YAML recipe")
+                                         "mergelab check recipe.yml --no-similarity   # skip reading every weight",
+                                         "mergelab check moe.yml   # a 'mergelab moe' config"))
+    p.add_argument("recipe", help="YAML recipe, or a 'mergelab moe' config")
     p.add_argument("--no-similarity", action="store_true",
                    help="skip the task-vector norms and cosines (which read every weight)")
     add_merge_flags(p)

@@ -22,6 +22,16 @@ from mergelab.errors import RecipeError
 Scalar = Union[bool, int, float, str]
 
 
+def known_dtype(value: str | None) -> str | None:
+    """A dtype name with its alias resolved (``bf16`` -> ``bfloat16``); pydantic reports the ValueError."""
+    if value is None:
+        return None
+    value = DTYPE_ALIASES.get(value, value)
+    if value not in FLOAT_DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(FLOAT_DTYPES)}")
+    return value
+
+
 class Conditional(BaseModel):
     """A filtered value: applies to tensors whose name contains ``filter`` (all when absent or ``*``)."""
 
@@ -72,12 +82,7 @@ class Recipe(Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = DTYPE_ALIASES.get(value, value)
-        if value not in FLOAT_DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(FLOAT_DTYPES)}")
-        return value
+        return known_dtype(value)
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -149,17 +154,20 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise _explain(error, source) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
-    path = Path(path)
+def read_yaml(path: Path, what: str = "recipe file") -> Any:
+    """The parsed content of a YAML file; a missing file or bad syntax raises ``RecipeError``."""
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist; check the path")
+        raise RecipeError(f"{what} {path} does not exist; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}{_yaml_position(error)} is not valid YAML ({_yaml_problem(error)}); fix the "
                           "syntax there") from None
-    return parse_recipe(data, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    return parse_recipe(read_yaml(Path(path)), str(path))
 
 
 def _yaml_position(error: yaml.YAMLError) -> str:

@@ -23,35 +23,45 @@ log = logging.getLogger("mergelab")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_ref(ref: str, recipe_dir: Path | None) -> Path:
-    """The folder a recipe's ``ref`` names under the rule of the module doc; errors name the reference."""
-    path = Path(ref).expanduser()
-    if path.is_absolute() or recipe_dir is None:
-        candidates = [path]
-    else:
-        candidates = list(dict.fromkeys([recipe_dir / path, path]))  # the same path when the recipe is in cwd
-    existing = [c for c in candidates if c.exists()]
-    if len(existing) == 2 and existing[0].resolve() != existing[1].resolve():
-        raise RecipeError(f"model '{ref}' could mean {existing[0].resolve()} (beside the recipe) or "
-                          f"{existing[1].resolve()} (in the working directory); write the absolute path of the "
-                          "one you mean")
-    if not existing:
-        raise CheckpointError(missing_model_message(ref, candidates))
-    found = existing[0]
-    check_model_folder(found)
-    if found != path:
+def resolve_model_ref(ref: str, recipe_dir: Path | None, adapters: bool = False) -> Path:
+    """The folder a recipe's ``ref`` names under the rule of the module doc; errors name the reference.
+    ``adapters``: a PEFT adapter folder is accepted (merge inputs), not refused with advice."""
+    found = locate_model_ref(ref, recipe_dir)
+    if found is None:
+        raise CheckpointError(missing_model_message(ref, _candidates(ref, recipe_dir)))
+    check_model_folder(found, adapters)
+    if found != Path(ref).expanduser():
         log.info("model '%s' found beside the recipe: %s", ref, found)
     return found
 
 
-def check_model_folder(path: Path) -> None:
-    """Refuse an existing ``path`` that is not a Hugging Face model folder, saying what it is instead."""
+def locate_model_ref(ref: str, recipe_dir: Path | None) -> Path | None:
+    """Where ``ref`` exists under the rule of the module doc, None where it exists nowhere; a reference that
+    exists in both places as different folders is refused."""
+    existing = [c for c in _candidates(ref, recipe_dir) if c.exists()]
+    if len(existing) == 2 and existing[0].resolve() != existing[1].resolve():
+        raise RecipeError(f"model '{ref}' could mean {existing[0].resolve()} (beside the recipe) or "
+                          f"{existing[1].resolve()} (in the working directory); write the absolute path of the "
+                          "one you mean")
+    return existing[0] if existing else None
+
+
+def _candidates(ref: str, recipe_dir: Path | None) -> list[Path]:
+    path = Path(ref).expanduser()
+    if path.is_absolute() or recipe_dir is None:
+        return [path]
+    return list(dict.fromkeys([recipe_dir / path, path]))  # the same path when the recipe is in cwd
+
+
+def check_model_folder(path: Path, adapters: bool = False) -> None:
+    """Refuse an existing ``path`` that is not a Hugging Face model folder (nor, with ``adapters``, a PEFT
+    adapter folder), saying what it is instead."""
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             raise CheckpointError(gguf_advice(path))
         raise CheckpointError(f"{path} is a file; name the model folder that holds it ({path.parent}) instead")
     adapter = peft_adapter_type(path)
-    if adapter is not None:
+    if adapter is not None and not adapters:
         raise CheckpointError(adapter_advice(path, adapter))
 
 
@@ -89,8 +99,9 @@ def peft_adapter_type(folder: Path) -> str | None:
 def adapter_advice(folder: Path, peft_type: str) -> str:
     """An adapter is not a full model: say so, and how to get one to merge."""
     kind = "LoRA" if peft_type.upper() == "LORA" else peft_type
-    return (f"{folder} is a PEFT {kind} adapter (adapter_config.json), not a full model; merge it into its base "
-            "with peft (merge_and_unload, then save_pretrained) and name that folder")
+    return (f"{folder} is a PEFT {kind} adapter (adapter_config.json), not a full model; name it in a merge "
+            "recipe (alone or as BASE+ADAPTER), or merge it into its base with peft (merge_and_unload, then "
+            "save_pretrained) and name that folder")
 
 
 def gguf_advice(file: Path) -> str:

@@ -16,11 +16,14 @@ from pathlib import Path
 
 from mergelab.errors import OutputError
 
-# the tokenizer files a merge copies from its tokenizer source, and the other files it writes
+# the tokenizer files a merge copies from its tokenizer source, and the other files mergelab's writing commands
+# (merge, moe, extract-lora) write; each of those leaves one record file, which marks the folder as its output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 MERGE_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-               "README.md", "mergelab.json", "chat_template.jinja")
+               "README.md", "mergelab.json", "chat_template.jinja", "moe.json", "lora_extraction.json",
+               "adapter_config.json", "adapter_model.safetensors")
+RECORD_FILES = ("mergelab.json", "moe.json", "lora_extraction.json")
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -62,9 +65,9 @@ def refuse_unless_previous_output(folder: Path) -> None:
     entries = sorted(folder.iterdir())
     if not entries:
         return
-    if not is_merge_record(folder / "mergelab.json"):
-        raise OutputError(f"{folder} is not a previous mergelab output (it has no mergelab.json), so --overwrite "
-                          "will not replace it; choose another path or empty it yourself")
+    if not any(is_merge_record(folder / name) for name in RECORD_FILES):
+        raise OutputError(f"{folder} is not a previous mergelab output (it has no {' / '.join(RECORD_FILES)}), so "
+                          "--overwrite will not replace it; choose another path or empty it yourself")
     foreign = [entry.name for entry in entries if not is_merge_file(entry)]
     if foreign:
         raise OutputError(f"{folder} holds '{foreign[0]}', which a merge does not write, so --overwrite will not "
@@ -77,6 +80,8 @@ def is_merge_record(path: Path) -> bool:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    if path.name != "mergelab.json":  # moe.json, lora_extraction.json: a JSON object
+        return isinstance(record, dict)
     return isinstance(record, dict) and "recipe" in record and "mergelab_version" in record
 
 

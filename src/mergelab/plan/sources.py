@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.dtypes import torch_dtype
-from mergelab.checkpoint.reader import ModelReader, open_model
+from mergelab.checkpoint.reader import ModelReader
 from mergelab.checkpoint.writer import PlannedTensor
 from mergelab.config import Recipe, closest
 from mergelab.errors import CompatibilityError, RecipeError
+from mergelab.lora.adapted import check_adapter_bases, open_input
 from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodSpec
 from mergelab.model_refs import resolve_model_ref
@@ -28,9 +29,11 @@ def resolve_model_path(ref: str, recipe_dir: Path | None) -> str:
 
 
 def open_inputs(recipe: Recipe, recipe_dir: Path | None, allow_pickle: bool) -> dict[str, ModelReader]:
-    """Open every model the recipe names, keyed by its reference as written in the recipe."""
-    return {ref: open_model(resolve_model_path(ref, recipe_dir), allow_pickle=allow_pickle)
-            for ref in recipe.model_paths()}
+    """Open every model the recipe names, keyed by its reference as written in the recipe (peft LoRA adapters,
+    alone or as BASE+ADAPTER, are opened as their base with the adapter applied on read: ``lora.adapted``)."""
+    readers = {ref: open_input(ref, recipe_dir, allow_pickle) for ref in recipe.model_paths()}
+    check_adapter_bases(recipe, readers)
+    return readers
 
 
 def method_spec(name: str) -> MethodSpec:
