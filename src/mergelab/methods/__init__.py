@@ -1,7 +1,7 @@
 """Merge methods by recipe name. Each module declares its methods in ``SPECS``; the table is built here,
 explicitly, so that what exists is visible in one place."""
 
-from mergelab.methods import fim, geometry, linear, passthrough, sce, scf, subspace, task_arithmetic
+from mergelab.methods import fim, geometry, linear, nuslerp, passthrough, sce, scf, subspace, task_arithmetic
 from mergelab.methods.spec import MethodSpec, registry
 
 METHODS: dict[str, MethodSpec] = registry([
@@ -13,4 +13,5 @@ METHODS: dict[str, MethodSpec] = registry([
     *subspace.SPECS,
     *scf.SPECS,
     *fim.SPECS,
+    *nuslerp.SPECS,
 ])
