@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -56,6 +56,41 @@ class OutputSlice(Strict):
     parameters: dict[str, Setting] | None = None
 
 
+class ModelTokenSource(Strict):
+    """A token's embedding row taken from one model's row for ``token`` or ``token_id`` (one of the two)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(Strict):
+    kind: Literal["zero"]
+
+
+class TokenSetting(Strict):
+    """Where one output token's embedding and head rows come from (``tokenizer.tokens``); ``force`` applies it
+    also to models that have the token."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerBlock(Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary, per-token row sources, padding of the rows."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class Recipe(Strict):
     """A whole merge recipe (mergekit-compatible keys, plus ``seed``)."""
 
@@ -67,6 +102,7 @@ class Recipe(Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     name: str | None = None
     seed: int = 0
@@ -80,6 +116,19 @@ class Recipe(Strict):
         if value not in DTYPES:
             raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
         return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        from mergelab.chat_templates import check_value
+
+        return None if value is None else check_value(value)
+
+    @model_validator(mode="after")
+    def _one_tokenizer_setting(self) -> Recipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -135,7 +184,8 @@ def _owner_of(loc: tuple[Any, ...]) -> type[BaseModel]:
     parts = [p for p in loc[:-1] if not isinstance(p, int)]
     owner: type[BaseModel] = Recipe
     for part in parts:
-        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource}.get(str(part))
+        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource,
+                  "tokenizer": TokenizerBlock}.get(str(part))
         if nested is not None:
             owner = nested
     return owner
@@ -160,7 +210,11 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    template = recipe.chat_template
+    if template and "{" not in template and (path.parent / template).is_file():  # a file beside the recipe
+        recipe.chat_template = str((path.parent / template).resolve())
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

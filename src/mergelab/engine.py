@@ -41,6 +41,7 @@ from mergelab.errors import CheckpointError, MergelabError, OutputError, RecipeE
 from mergelab.methods.spec import BlockState, MethodCall
 from mergelab.output_files import write_model_files, write_record
 from mergelab.plan import MergePlan, TensorJob, build_plan, resolve_model_path
+from mergelab.tokenizer_merge import prepare_inputs
 
 log = logging.getLogger("mergelab")
 
@@ -85,8 +86,9 @@ class MergeStats:
 
 def open_inputs(recipe: Recipe, recipe_dir: Path | None, allow_pickle: bool) -> dict[str, ModelReader]:
     """Open every model the recipe names, keyed by its reference as written in the recipe."""
-    return {ref: open_model(resolve_model_path(ref, recipe_dir), allow_pickle=allow_pickle)
-            for ref in recipe.model_paths()}
+    readers = {ref: open_model(resolve_model_path(ref, recipe_dir), allow_pickle=allow_pickle)
+               for ref in recipe.model_paths()}
+    return prepare_inputs(recipe, readers)  # issue 20: chat template checked, vocabularies re-indexed
 
 
 def tensor_seed(seed: int, name: str) -> int:

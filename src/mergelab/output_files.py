@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 from collections import defaultdict
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+from mergelab.chat_templates import resolve_chat_template
 from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, plan_shards, shard_file_names
 from mergelab.config import dump_recipe
 from mergelab.plan import MergePlan, dtype_name
+from mergelab.tokenizer_merge import output_vocabulary
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -67,14 +72,37 @@ def write_model_files(plan: MergePlan, output: OutputFolder, shard_size: int) ->
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name(plan.out_dtype)
     output.write_text("config.json", json.dumps(config, indent=2))
     reference = plan.readers[plan.reference].folder
-    tokenizer_folder = plan.tokenizer_folder
-    for name in TOKENIZER_FILES:
-        if (tokenizer_folder / name).exists():
-            output.copy_in(tokenizer_folder / name)
+    write_tokenizer(plan, output)
     if (reference / "generation_config.json").exists():
         output.copy_in(reference / "generation_config.json")
-    if plan.recipe.chat_template:
-        output.write_text("chat_template.jinja", plan.recipe.chat_template)
+
+
+def write_tokenizer(plan: MergePlan, output: OutputFolder) -> None:
+    """The output tokenizer: the merged vocabulary's (saved by transformers, added tokens included) or the
+    source folder's files; a recipe's chat template goes into its ``tokenizer_config.json`` (into
+    ``chat_template.jinja`` when there is none), replacing the template files of the source."""
+    template = resolve_chat_template(plan.recipe.chat_template, [r.folder for r in plan.readers.values()])
+    vocabulary = output_vocabulary(plan.readers)
+    with tempfile.TemporaryDirectory(prefix="mergelab-tokenizer-") as staging:
+        folder = Path(staging)
+        if vocabulary is not None:
+            vocabulary.tokenizer.save_pretrained(folder)
+        else:
+            for name in TOKENIZER_FILES:
+                if (plan.tokenizer_folder / name).exists():
+                    shutil.copy2(plan.tokenizer_folder / name, folder / name)
+        config_path = folder / "tokenizer_config.json"
+        if template is not None:
+            for name in ("chat_template.jinja", "chat_template.json"):
+                (folder / name).unlink(missing_ok=True)
+            if config_path.exists():
+                config = json.loads(config_path.read_text())
+                config["chat_template"] = template
+                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+            else:
+                (folder / "chat_template.jinja").write_text(template)
+        for path in sorted(folder.iterdir()):
+            output.copy_in(path)
 
 
 def write_record(plan: MergePlan, output: OutputFolder, tensor_stats: dict[str, dict[str, Any]], seed: int,

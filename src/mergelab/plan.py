@@ -131,7 +131,7 @@ def input_name(reader: ModelReader, name: str, model: str) -> str:
 def tokenizer_folder(recipe: Recipe, readers: dict[str, ModelReader], reference: str) -> Path:
     """Where the output's tokenizer files come from: the base (default) or the model ``tokenizer_source`` names."""
     source = recipe.tokenizer_source
-    if source in (None, "base"):
+    if source in (None, "base", "union"):  # union: the tokenizer is built by tokenizer_merge
         return readers[reference].folder
     if source in readers:
         return readers[source].folder
