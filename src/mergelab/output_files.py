@@ -11,9 +11,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from mergelab.chat_templates import resolve_chat_template
 from mergelab.checkpoint.writer import OutputFolder, PlannedTensor, plan_shards, shard_file_names
 from mergelab.config import dump_recipe
+from mergelab.hub_cache import hub_id
 from mergelab.plan import MergePlan, dtype_name
 from mergelab.tokenizer_merge import output_vocabulary
 
@@ -53,10 +56,16 @@ def per_layer(tensor_stats: dict[str, dict[str, Any]], plan: MergePlan) -> dict[
     return {key: {k: (v if k == "numel" else v / s["numel"]) for k, v in s.items()} for key, s in sums.items()}
 
 
-def model_card(plan: MergePlan) -> str:
-    return (f"---\nlibrary_name: transformers\ntags: [mergelab, merge]\n---\n# Merged model\n\n"
-            f"Made with mergelab using **{plan.method.name}** ({plan.method.citation}).\n\n"
-            f"Base: {plan.recipe.base_model or '(none)'}\n\nRecipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
+def model_card(plan: MergePlan) -> ModelCard:
+    """A Hugging Face model card: metadata with the inputs' Hub ids (where known), library, tags and the recipe;
+    a body naming the method and the recipe as YAML."""
+    bases = [hub_id(ref, reader.folder) or ref for ref, reader in plan.readers.items()]
+    data = ModelCardData(base_model=bases, library_name="transformers", tags=["merge", "mergelab"],
+                         mergelab_recipe=plan.recipe.model_dump(mode="json", exclude_none=True))
+    body = (f"# Merged model\n\nMade with mergelab using **{plan.method.name}** ({plan.method.citation}).\n\n"
+            f"Base: {plan.recipe.base_model or '(none)'}\n\nModels: {', '.join(bases)}\n\n"
+            f"Recipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def write_model_files(plan: MergePlan, output: OutputFolder, shard_size: int) -> None:
@@ -108,7 +117,7 @@ def write_tokenizer(plan: MergePlan, output: OutputFolder) -> None:
 def write_record(plan: MergePlan, output: OutputFolder, tensor_stats: dict[str, dict[str, Any]], seed: int,
                  passes: dict[str, dict[str, Any]]) -> None:
     """Write the model card and ``mergelab.json`` (with the records of the method's model-level passes)."""
-    output.write_text("README.md", model_card(plan))
+    output.write_text("README.md", str(model_card(plan)))
     record = {
         "mergelab_version": _versions().get("mergelab"),
         "versions": _versions(),

@@ -17,6 +17,7 @@ from mergelab.checkpoint.layout import num_layers, tensor_info
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import DTYPES, Recipe
 from mergelab.errors import CompatibilityError, RecipeError
+from mergelab.hub_cache import cached_snapshot
 from mergelab.methods import METHODS
 from mergelab.methods.spec import MethodSpec, TensorInfo
 from mergelab.params import Scope, resolve, validate_scope
@@ -73,6 +74,8 @@ def resolve_model_path(ref: str, recipe_dir: Path | None) -> str:
     path = Path(ref).expanduser()
     if not path.exists() and recipe_dir is not None and (recipe_dir / path).exists():
         path = recipe_dir / path
+    if not path.exists():  # issue 20: org/name[@revision] from the local Hugging Face cache
+        path = cached_snapshot(ref) or path
     return str(path)
 
 
