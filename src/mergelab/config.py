@@ -106,6 +106,7 @@ class Recipe(Strict):
     chat_template: str | None = None
     name: str | None = None
     seed: int = 0
+    compat: Literal["mergekit"] | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod

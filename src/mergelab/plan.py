@@ -18,6 +18,7 @@ from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import DTYPES, Recipe
 from mergelab.errors import CompatibilityError, RecipeError
 from mergelab.hub_cache import cached_snapshot
+from mergelab.mergekit_compat import compat_recipe, compat_spec
 from mergelab.methods import METHODS
 from mergelab.methods.spec import MethodSpec, TensorInfo
 from mergelab.params import Scope, resolve, validate_scope
@@ -148,7 +149,8 @@ def tokenizer_folder(recipe: Recipe, readers: dict[str, ModelReader], reference:
 def build_plan(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = False,
                allow_mixed: bool = False) -> MergePlan:
     """Resolve a ``models:`` recipe into output tensor jobs (slices are planned by ``slices.plan_slices``)."""
-    spec = method_spec(recipe.merge_method)
+    recipe = compat_recipe(recipe)  # issue 20: --compat mergekit reads the recipe and computes as mergekit does
+    spec = compat_spec(recipe, method_spec(recipe.merge_method))
     _check_architectures(readers, allow_mixed)
     validate_scope(spec, recipe.parameters, "top-level parameters", per_model=False)
     if recipe.slices:
