@@ -47,7 +47,7 @@ def _merge_options(args: argparse.Namespace):
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.config import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = _with_compat(load_recipe(args.recipe), args)
     recipe_dir = Path(args.recipe).parent
     if args.print_plan:
         from mergelab.engine import open_inputs
@@ -72,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mergelab.errors import MergelabError
 
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = _with_compat(load_recipe(args.recipe), args)
         readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
         report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
                        similarity=not args.no_similarity)
@@ -80,6 +80,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = CheckReport(problems=[str(error)])
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def _with_compat(recipe, args: argparse.Namespace):
+    """The recipe with ``--compat`` applied, after printing where its output will differ from mergekit's."""
+    from mergelab.mergekit_differences import differences
+
+    if args.compat:
+        recipe = recipe.model_copy(update={"compat": args.compat})
+    for line in differences(recipe):
+        print(f"differs from mergekit: {line}")
+    return recipe
 
 
 def register_check(subparsers) -> None:
@@ -96,6 +107,9 @@ def add_merge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin pickle checkpoints (with weights_only=True); refused by default")
     parser.add_argument("--allow-mixed", action="store_true", help="merge models whose config model_type differs")
+    parser.add_argument("--compat", choices=["mergekit"], default=None,
+                        help="reproduce mergekit 0.1.5's arithmetic and reading of the recipe (its working dtype, "
+                        "TIES vote, ...) instead of mergelab's float32, paper-faithful default")
     parser.add_argument("--strict", action="store_true",
                         help="refuse inputs whose vocabulary is larger than the base's instead of dropping rows")
 
