@@ -187,15 +187,21 @@ def _vocabulary_tensors(readers: dict[str, ModelReader], base: str) -> list[str]
     return [n for n in reader.names if tensor_info(n, reader.config).kind in VOCABULARY_KINDS]
 
 
-def _tensor_of(reader: ModelReader, name: str) -> torch.Tensor | None:
-    """An input's vocabulary tensor in float32 (the tied embedding for a missing head), or None."""
+def _tensor_of(reader: ModelReader, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """An input's vocabulary tensor in ``dtype`` (the tied embedding for a missing head), or None."""
     if reader.has(name):
-        return reader.get(name).float()
+        return reader.get(name).to(dtype)
     if reader.config.get("tie_word_embeddings", False) and tensor_info(name, reader.config).kind == "head":
         for candidate in TIED_EMBEDDINGS:
             if reader.has(candidate):
-                return reader.get(candidate).float()
+                return reader.get(candidate).to(dtype)
     return None
+
+
+def working_dtype(recipe: Recipe) -> torch.dtype:
+    """float32, or under ``--compat mergekit`` the recipe's dtype (mergekit averages rows in it)."""
+    names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    return names.get(recipe.dtype or "", torch.float32) if recipe.compat == "mergekit" else torch.float32
 
 
 def _default_rows(vocabulary: OutputVocabulary, tokens: dict[str, TokenSetting], base: str,
@@ -203,7 +209,8 @@ def _default_rows(vocabulary: OutputVocabulary, tokens: dict[str, TokenSetting],
     """Per output token that needs one, the row every input without it (or under ``force``) gets."""
     defaults: dict[int, torch.Tensor] = {}
     models = list(tensors)
-    hidden = next(iter(tensors.values())).shape[1:]
+    first = next(iter(tensors.values()))
+    hidden, dtype = first.shape[1:], first.dtype
     for tok, k in vocabulary.tokenizer.get_vocab().items():
         setting = tokens.get(tok)
         present = [m for m in models if vocabulary.sources[m][k] >= 0]
@@ -211,7 +218,7 @@ def _default_rows(vocabulary: OutputVocabulary, tokens: dict[str, TokenSetting],
             continue
         source = setting.source if setting is not None else None
         if isinstance(source, ZeroSource):
-            defaults[k] = torch.zeros(hidden)
+            defaults[k] = torch.zeros(hidden, dtype=dtype)
         elif isinstance(source, ModelTokenSource):
             row = source.token_id if source.token is None else vocabulary.model_vocabs[source.model].get(source.token)
             if row is None or not 0 <= row < tensors[source.model].shape[0]:
@@ -228,11 +235,11 @@ def _default_rows(vocabulary: OutputVocabulary, tokens: dict[str, TokenSetting],
         elif len(present) == 1:
             defaults[k] = tensors[present[0]][vocabulary.sources[present[0]][k]]
         elif not present:
-            defaults[k] = torch.zeros(hidden)
+            defaults[k] = torch.zeros(hidden, dtype=dtype)
         elif base in present:
             defaults[k] = tensors[base][vocabulary.sources[base][k]]
         else:
-            total = torch.zeros(hidden)
+            total = torch.zeros(hidden, dtype=dtype)
             for m in present:
                 total = total + tensors[m][vocabulary.sources[m][k]]
             defaults[k] = total / len(present)
@@ -256,13 +263,14 @@ def remap_readers(recipe: Recipe, readers: dict[str, ModelReader]) -> dict[str, 
     base = recipe.base_model or next(iter(readers))
     size = len(vocabulary.tokenizer.get_vocab())
     remapped: dict[str, dict[str, torch.Tensor]] = {ref: {} for ref in readers}
+    dtype = working_dtype(recipe)
     by_id = sorted(vocabulary.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     forced = torch.tensor([bool(tokens.get(t) and tokens[t].force) for t, _ in by_id])
     for name in _vocabulary_tensors(readers, base):
-        tensors = {ref: t for ref, r in readers.items() if (t := _tensor_of(r, name)) is not None}
+        tensors = {ref: t for ref, r in readers.items() if (t := _tensor_of(r, name, dtype)) is not None}
         defaults = _default_rows(vocabulary, tokens, base, tensors)
         for ref, tensor in tensors.items():
-            out = torch.zeros((vocabulary.rows, *tensor.shape[1:]))
+            out = torch.zeros((vocabulary.rows, *tensor.shape[1:]), dtype=dtype)
             order = torch.tensor(vocabulary.sources[ref])
             own = (order >= 0) & ~forced
             out[:size][own] = tensor[order[own]]
