@@ -39,8 +39,6 @@ def differences(recipe: Recipe) -> list[str]:
                      "paper); set vote: weighted or use --compat mergekit")
     if method == "karcher" and recipe.base_model:
         lines.append("karcher with base_model: mergekit puts the base into the mean, mergelab leaves it out")
-    if method == "karcher" and "weight" in _parameter_names(recipe):
-        lines.append("karcher weights: mergekit ignores them (equal weights), mergelab honours them")
     if method == "arcee_fusion":
         lines.append("arcee_fusion: mergekit reads quantiles at sorted indices (sampling 10^6 elements of larger "
                      "tensors at random) and writes float32 without out_dtype; mergelab's quantiles are exact")
