@@ -20,13 +20,9 @@ def family(tmp_path_factory):
 
 
 def nuslerp_recipe(base, experts, weights=(0.3, 0.7), **parameters):
-    out = {"merge_method": "nuslerp", "dtype": "float32",
-           "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]}
-    if base is not None:
-        out["base_model"] = base
-    if parameters:
-        out["parameters"] = parameters
-    return out
+    return {"merge_method": "nuslerp", "dtype": "float32", **({"base_model": base} if base else {}),
+            **({"parameters": parameters} if parameters else {}),
+            "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]}
 
 
 NUSLERP_CASES = {

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mergelab.config import Recipe, Setting
-from mergelab.methods.nuslerp import nuslerp_tensors, position
+from mergelab.methods.nuslerp import nuslerp as nuslerp_method
 from mergelab.methods.spec import MethodCall, MethodSpec, ModelPass
 from mergelab.ops.sparsify import bernoulli_mask, magprune_keep_prob
 
@@ -229,13 +229,8 @@ def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: MethodCa
 
 
 def nuslerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: MethodCall) -> torch.Tensor:
-    """mergelab's nuslerp (mergekit's formula) in the working dtype."""
-    p = call.params
-    t = position(p["weight"])
-    first, second = experts
-    if base is None:
-        return nuslerp_tensors(t, first, second, p["nuslerp_row_wise"], p["nuslerp_flatten"])
-    return base + nuslerp_tensors(t, first - base, second - base, p["nuslerp_row_wise"], p["nuslerp_flatten"])
+    """mergelab's nuslerp (mergekit's formula) on the inputs in the working dtype."""
+    return nuslerp_method(replace(call, base=base, experts=experts))
 
 
 def multislerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: MethodCall) -> torch.Tensor:
