@@ -65,3 +65,15 @@ def test_differences_are_printed_without_compat(family, tmp_path, capsys):
     assert any("bfloat16" in line for line in lines) and any("base into the mean" in line for line in lines)
     main(["check", path, "--no-similarity", "--compat", "mergekit"])
     assert "differs from mergekit" not in capsys.readouterr().out
+
+
+def test_keys_mergekit_ignores_are_dropped_under_compat(family, tmp_path, caplog):
+    base, experts = family
+    recipe = {"merge_method": "linear", "dtype": "bfloat16", "lora_merge_cache": "/tmp/x",
+              "models": [{"model": e, "parameters": {"weight": 1.0}, "revision": "main"} for e in experts]}
+    path = write(tmp_path, recipe)
+    assert main(["merge", path, str(tmp_path / "strict")]) == 2
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        assert main(["merge", path, str(tmp_path / "out"), "--compat", "mergekit"]) == 0
+    dropped = [r.getMessage() for r in caplog.records if "mergekit ignores key" in r.getMessage()]
+    assert len(dropped) == 3 and any("'lora_merge_cache' at top level" in m for m in dropped)

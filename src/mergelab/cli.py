@@ -47,7 +47,7 @@ def _merge_options(args: argparse.Namespace):
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.config import load_recipe
 
-    recipe = _with_compat(load_recipe(args.recipe), args)
+    recipe = _announce_differences(load_recipe(args.recipe, args.compat))
     recipe_dir = Path(args.recipe).parent
     if args.print_plan:
         from mergelab.engine import open_inputs
@@ -72,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mergelab.errors import MergelabError
 
     try:
-        recipe = _with_compat(load_recipe(args.recipe), args)
+        recipe = _announce_differences(load_recipe(args.recipe, args.compat))
         readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
         report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
                        similarity=not args.no_similarity)
@@ -82,12 +82,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _with_compat(recipe, args: argparse.Namespace):
-    """The recipe with ``--compat`` applied, after printing where its output will differ from mergekit's."""
+def _announce_differences(recipe):
+    """The recipe (``--compat`` applied by ``load_recipe``), after printing where its output will differ from
+    mergekit's."""
     from mergelab.mergekit_differences import differences
 
-    if args.compat:
-        recipe = recipe.model_copy(update={"compat": args.compat})
     for line in differences(recipe):
         print(f"differs from mergekit: {line}")
     return recipe

@@ -192,18 +192,22 @@ def _owner_of(loc: tuple[Any, ...]) -> type[BaseModel]:
     return owner
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate a recipe given as a dict (the parsed YAML)."""
+def parse_recipe(data: Any, source: str = "recipe", compat: str | None = None) -> Recipe:
+    """Validate a recipe given as a dict (the parsed YAML); under compat, keys mergekit ignores are dropped."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with at least 'merge_method' and 'models'")
+    if (compat or data.get("compat")) == "mergekit":
+        from mergelab.mergekit_compat import drop_unknown_keys
+
+        data = drop_unknown_keys({**data, "compat": "mergekit"}, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
         raise _explain(error, source) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+def load_recipe(path: str | Path, compat: str | None = None) -> Recipe:
+    """Read and validate a YAML recipe file (``compat``: as ``--compat`` gives it)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; check the path")
@@ -211,7 +215,7 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix the syntax") from None
-    recipe = parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path), compat)
     template = recipe.chat_template
     if template and "{" not in template and (path.parent / template).is_file():  # a file beside the recipe
         recipe.chat_template = str((path.parent / template).resolve())

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mergelab.config import Recipe, Setting
+from mergelab.errors import RecipeError
 from mergelab.methods.nuslerp import nuslerp as nuslerp_method
 from mergelab.methods.spec import MethodCall, MethodSpec, ModelPass
 from mergelab.ops.sparsify import bernoulli_mask, magprune_keep_prob
@@ -58,6 +59,34 @@ MERGEKIT_PARAMS: dict[str, tuple[str, ...]] = {
 ELECTING = ("ties", "dare_ties", "della", "breadcrumbs_ties")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
+
+
+def drop_unknown_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A raw recipe without the keys the schema does not know (top level, models, slices, sources), each named in a
+    one-line warning: mergekit ignores them. mergekit's ``modules`` key is refused: it changes what is merged."""
+    from mergelab.config import ModelEntry, OutputSlice, SliceSource
+
+    if "modules" in data:
+        raise RecipeError(f"{source}: mergekit's 'modules' key (a separate merge per module) is not supported; "
+                          "write the recipe with 'models' or 'slices'")
+    def known(entry: Any, schema: Any, where: str) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        for key in entry:
+            if key not in schema.model_fields:
+                log.warning(f"compat mergekit: {source}: mergekit ignores key '{key}' at {where}; dropped")
+        return {k: v for k, v in entry.items() if k in schema.model_fields}
+
+    data = known(data, Recipe, "top level")
+    if isinstance(data.get("models"), list):
+        data["models"] = [known(m, ModelEntry, f"models[{i}]") for i, m in enumerate(data["models"])]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [known(sl, OutputSlice, f"slices[{i}]") for i, sl in enumerate(data["slices"])]
+        for i, sl in enumerate(data["slices"]):
+            if isinstance(sl, dict) and isinstance(sl.get("sources"), list):
+                sl["sources"] = [known(src, SliceSource, f"slices[{i}].sources[{j}]")
+                                 for j, src in enumerate(sl["sources"])]
+    return data
 
 
 def _kept(scope: dict[str, Setting] | None, known: tuple[str, ...], where: str, method: str) -> dict | None:
@@ -251,8 +280,6 @@ def multislerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: Met
     mean_norm = torch.norm(mean)
     if mean_norm < p["eps"]:
         if stacked.shape[0] != 2:
-            from mergelab.errors import RecipeError
-
             raise RecipeError(f"{call.info.name}: the weighted directions of the models cancel out, so multislerp "
                               "has no mean; change the weights")
         merged = (stacked[0] * weights[0] + stacked[1] * weights[1]).view(stacked.shape[1:])
