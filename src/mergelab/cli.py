@@ -63,7 +63,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if args.out_dir is None and not args.print_plan:
         raise RecipeError("name the output folder (OUT_DIR) after the recipe, or pass --print-plan")
-    recipe = load_recipe(args.recipe)
+    recipe = _announce_differences(load_recipe(args.recipe, args.compat))
     log.info("recipe %s: %s of %d model(s)", args.recipe, recipe.merge_method, len(recipe.model_paths()))
     recipe_dir = Path(args.recipe).parent
     if args.print_plan:
@@ -125,7 +125,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(format_report(report).replace("the merge would", "the MoE assembly would", 1))
         return 0 if report.ok else 1
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = _announce_differences(load_recipe(args.recipe, args.compat))
         with naming_the_recipe(args.recipe):
             readers = open_inputs(recipe, Path(args.recipe).parent, args.allow_pickle)
             report = check(recipe, readers, strict=args.strict, allow_mixed=args.allow_mixed,
@@ -135,6 +135,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = CheckReport(problems=[str(error)])
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def _announce_differences(recipe):
+    """The recipe (``--compat`` applied by ``load_recipe``), after printing where its output will differ from
+    mergekit's."""
+    from mergelab.mergekit_differences import differences
+
+    for line in differences(recipe):
+        print(f"differs from mergekit: {line}")
+    return recipe
 
 
 def register_check(subparsers) -> None:
@@ -154,6 +164,9 @@ def add_merge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load .bin pickle checkpoints (with weights_only=True); refused by default")
     parser.add_argument("--allow-mixed", action="store_true", help="merge models whose config model_type differs")
+    parser.add_argument("--compat", choices=["mergekit"], default=None,
+                        help="reproduce mergekit 0.1.5's arithmetic and reading of the recipe (its working dtype, "
+                        "TIES vote, ...) instead of mergelab's float32, paper-faithful default")
     parser.add_argument("--strict", action="store_true",
                         help="refuse inputs whose vocabulary is larger than the base's instead of dropping rows")
 

@@ -9,15 +9,17 @@ top level's.
 
 from __future__ import annotations
 
-import difflib
+import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from mergelab.checkpoint.dtypes import DTYPE_ALIASES, FLOAT_DTYPES
-from mergelab.errors import RecipeError
+from mergelab.errors import RecipeError, closest
+
+log = logging.getLogger("mergelab")
 
 Scalar = Union[bool, int, float, str]
 
@@ -64,6 +66,41 @@ class OutputSlice(Strict):
     parameters: dict[str, Setting] | None = None
 
 
+class ModelTokenSource(Strict):
+    """A token's embedding row taken from one model's row for ``token`` or ``token_id`` (one of the two)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(Strict):
+    kind: Literal["zero"]
+
+
+class TokenSetting(Strict):
+    """Where one output token's embedding and head rows come from (``tokenizer.tokens``); ``force`` applies it
+    also to models that have the token."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerBlock(Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary, per-token row sources, padding of the rows."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class Recipe(Strict):
     """A whole merge recipe (mergekit-compatible keys, plus ``seed``)."""
 
@@ -75,14 +112,29 @@ class Recipe(Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
     chat_template: str | None = None
     name: str | None = None
     seed: int = 0
+    compat: Literal["mergekit"] | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         return known_dtype(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        from mergelab.chat_templates import check_value
+
+        return None if value is None else check_value(value)
+
+    @model_validator(mode="after")
+    def _one_tokenizer_setting(self) -> Recipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -106,13 +158,6 @@ class Recipe(Strict):
             paths.extend(src.model for src in out_slice.sources)
         return list(dict.fromkeys(paths))
 
-
-def closest(word: str, options: list[str] | tuple[str, ...]) -> str:
-    """" (did you mean 'x'?)" for the closest valid name, or a list of the valid names."""
-    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    if match:
-        return f" (did you mean '{match[0]}'?)"
-    return f" (valid: {', '.join(sorted(options))})"
 
 
 def _explain(error: ValidationError, source: str) -> RecipeError:
@@ -138,16 +183,45 @@ def _owner_of(loc: tuple[Any, ...]) -> type[BaseModel]:
     parts = [p for p in loc[:-1] if not isinstance(p, int)]
     owner: type[BaseModel] = Recipe
     for part in parts:
-        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource}.get(str(part))
+        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource,
+                  "tokenizer": TokenizerBlock}.get(str(part))
         if nested is not None:
             owner = nested
     return owner
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate a recipe given as a dict (the parsed YAML)."""
+def drop_unknown_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A raw recipe without the keys the schema does not know (top level, models, slices, sources), each named in a
+    one-line warning: mergekit ignores them. mergekit's ``modules`` key is refused: it changes what is merged."""
+    if "modules" in data:
+        raise RecipeError(f"{source}: mergekit's 'modules' key (a separate merge per module) is not supported; "
+                          "write the recipe with 'models' or 'slices'")
+    def known(entry: Any, schema: Any, where: str) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        for key in entry:
+            if key not in schema.model_fields:
+                log.warning(f"compat mergekit: {source}: mergekit ignores key '{key}' at {where}; dropped")
+        return {k: v for k, v in entry.items() if k in schema.model_fields}
+
+    data = known(data, Recipe, "top level")
+    if isinstance(data.get("models"), list):
+        data["models"] = [known(m, ModelEntry, f"models[{i}]") for i, m in enumerate(data["models"])]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [known(sl, OutputSlice, f"slices[{i}]") for i, sl in enumerate(data["slices"])]
+        for i, sl in enumerate(data["slices"]):
+            if isinstance(sl, dict) and isinstance(sl.get("sources"), list):
+                sl["sources"] = [known(src, SliceSource, f"slices[{i}].sources[{j}]")
+                                 for j, src in enumerate(sl["sources"])]
+    return data
+
+
+def parse_recipe(data: Any, source: str = "recipe", compat: str | None = None) -> Recipe:
+    """Validate a recipe given as a dict (the parsed YAML); under compat, keys mergekit ignores are dropped."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with at least 'merge_method' and 'models'")
+    if (compat or data.get("compat")) == "mergekit":
+        data = drop_unknown_keys({**data, "compat": "mergekit"}, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
@@ -165,9 +239,14 @@ def read_yaml(path: Path, what: str = "recipe file") -> Any:
                           "syntax there") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
-    return parse_recipe(read_yaml(Path(path)), str(path))
+def load_recipe(path: str | Path, compat: str | None = None) -> Recipe:
+    """Read and validate a YAML recipe file (``compat``: as ``--compat`` gives it)."""
+    path = Path(path)
+    recipe = parse_recipe(read_yaml(path), str(path), compat)
+    template = recipe.chat_template
+    if template and "{" not in template and (path.parent / template).is_file():  # a file beside the recipe
+        recipe.chat_template = str((path.parent / template).resolve())
+    return recipe
 
 
 def _yaml_position(error: yaml.YAMLError) -> str:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from mergelab.errors import CheckpointError, RecipeError
+from mergelab.hub_cache import cached_snapshot, split_reference
 
 log = logging.getLogger("mergelab")
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_ref(ref: str, recipe_dir: Path | None, adapters: bool = False) -> Path:
@@ -28,7 +26,10 @@ def resolve_model_ref(ref: str, recipe_dir: Path | None, adapters: bool = False)
     ``adapters``: a PEFT adapter folder is accepted (merge inputs), not refused with advice."""
     found = locate_model_ref(ref, recipe_dir)
     if found is None:
-        raise CheckpointError(missing_model_message(ref, _candidates(ref, recipe_dir)))
+        looked_in = _candidates(ref, recipe_dir)
+        if split_reference(ref) is None or any(path.parent.is_dir() for path in looked_in):  # a local 'org/'
+            raise CheckpointError(missing_model_message(ref, looked_in))
+        found = cached_snapshot(ref)  # org/name[@revision] from the local Hugging Face cache, or its download
     check_model_folder(found, adapters)
     if found != Path(ref).expanduser():
         log.info("model '%s' found beside the recipe: %s", ref, found)
@@ -66,23 +67,10 @@ def check_model_folder(path: Path, adapters: bool = False) -> None:
 
 
 def missing_model_message(ref: str, looked_in: list[Path]) -> str:
-    """The sentence for a model reference that names nothing on disk (a Hub id gets its own advice)."""
-    if looks_like_hub_id(ref) and not any(path.parent.is_dir() for path in looked_in):  # no local 'org/' folder
-        return hub_id_advice(ref)
+    """The sentence for a model reference that names nothing on disk (Hub ids: ``hub_cache.cached_snapshot``)."""
     places = f" (looked for {' and '.join(str(p) for p in looked_in)})" if len(looked_in) > 1 else ""
     return f"model folder '{ref}' does not exist{places}; check the path"
 
-
-def looks_like_hub_id(ref: str) -> bool:
-    """``org/name`` with no such local path: the form of a Hugging Face Hub repository id."""
-    return HUB_ID.match(ref) is not None and not ref.startswith(".")
-
-
-def hub_id_advice(ref: str) -> str:
-    """What to do with a Hub id (mergelab reaches no model hub): download it and name the local folder."""
-    local = ref.split("/")[-1]
-    return (f"'{ref}' looks like a Hugging Face Hub id, but mergelab does not download from model hubs; run "
-            f"`huggingface-cli download {ref} --local-dir {local}` and name the folder {local} instead")
 
 
 def peft_adapter_type(folder: Path) -> str | None:

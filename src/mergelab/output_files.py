@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 from collections import defaultdict
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData
+
+from mergelab.chat_templates import resolve_chat_template
 from mergelab.checkpoint.dtypes import dtype_name
 from mergelab.checkpoint.writer import OutputFolder
 from mergelab.config import dump_recipe
+from mergelab.hub_cache import hub_id
 from mergelab.output_guard import TOKENIZER_FILES
 from mergelab.plan.data import MergePlan
+from mergelab.tokenizer_merge import output_vocabulary
 
 PACKAGES = ("mergelab", "torch", "safetensors", "transformers", "numpy")
 
@@ -48,10 +56,16 @@ def per_layer(tensor_stats: dict[str, dict[str, Any]], plan: MergePlan) -> dict[
     return {key: {k: (v if k == "numel" else v / s["numel"]) for k, v in s.items()} for key, s in sums.items()}
 
 
-def model_card(plan: MergePlan) -> str:
-    return (f"---\nlibrary_name: transformers\ntags: [mergelab, merge]\n---\n# Merged model\n\n"
-            f"Made with mergelab using **{plan.method.name}** ({plan.method.citation}).\n\n"
-            f"Base: {plan.recipe.base_model or '(none)'}\n\nRecipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
+def model_card(plan: MergePlan) -> ModelCard:
+    """A Hugging Face model card: metadata with the inputs' Hub ids (where known), library, tags and the recipe;
+    a body naming the method and the recipe as YAML."""
+    bases = [hub_id(ref, reader.folder) or ref for ref, reader in plan.readers.items()]
+    data = ModelCardData(base_model=bases, library_name="transformers", tags=["merge", "mergelab"],
+                         mergelab_recipe=plan.recipe.model_dump(mode="json", exclude_none=True))
+    body = (f"# Merged model\n\nMade with mergelab using **{plan.method.name}** ({plan.method.citation}).\n\n"
+            f"Base: {plan.recipe.base_model or '(none)'}\n\nModels: {', '.join(bases)}\n\n"
+            f"Recipe:\n\n```yaml\n{dump_recipe(plan.recipe)}```\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def write_model_files(plan: MergePlan, output: OutputFolder) -> None:
@@ -65,20 +79,43 @@ def write_model_files(plan: MergePlan, output: OutputFolder) -> None:
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name(plan.out_dtype)
     output.write_text("config.json", json.dumps(config, indent=2))
     reference = plan.readers[plan.reference].folder
-    tokenizer_folder = plan.tokenizer_folder
-    for name in TOKENIZER_FILES:
-        if (tokenizer_folder / name).exists():
-            output.copy_in(tokenizer_folder / name)
+    write_tokenizer(plan, output)
     if (reference / "generation_config.json").exists():
         output.copy_in(reference / "generation_config.json")
-    if plan.recipe.chat_template:
-        output.write_text("chat_template.jinja", plan.recipe.chat_template)
+
+
+def write_tokenizer(plan: MergePlan, output: OutputFolder) -> None:
+    """The output tokenizer: the merged vocabulary's (saved by transformers, added tokens included) or the
+    source folder's files; a recipe's chat template goes into its ``tokenizer_config.json`` (into
+    ``chat_template.jinja`` when there is none), replacing the template files of the source."""
+    template = resolve_chat_template(plan.recipe.chat_template, [r.folder for r in plan.readers.values()])
+    vocabulary = output_vocabulary(plan.readers)
+    with tempfile.TemporaryDirectory(prefix="mergelab-tokenizer-") as staging:
+        folder = Path(staging)
+        if vocabulary is not None:
+            vocabulary.tokenizer.save_pretrained(folder)
+        else:
+            for name in TOKENIZER_FILES:
+                if (plan.tokenizer_folder / name).exists():
+                    shutil.copy2(plan.tokenizer_folder / name, folder / name)
+        config_path = folder / "tokenizer_config.json"
+        if template is not None:
+            for name in ("chat_template.jinja", "chat_template.json"):
+                (folder / name).unlink(missing_ok=True)
+            if config_path.exists():
+                config = json.loads(config_path.read_text())
+                config["chat_template"] = template
+                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+            else:
+                (folder / "chat_template.jinja").write_text(template)
+        for path in sorted(folder.iterdir()):
+            output.copy_in(path)
 
 
 def write_record(plan: MergePlan, output: OutputFolder, tensor_stats: dict[str, dict[str, Any]], seed: int,
                  passes: dict[str, dict[str, Any]]) -> None:
     """Write the model card and ``mergelab.json`` (with the records of the method's model-level passes)."""
-    output.write_text("README.md", model_card(plan))
+    output.write_text("README.md", str(model_card(plan)))
     record = {
         "mergelab_version": _versions().get("mergelab"),
         "versions": _versions(),

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergelab.config import Conditional, Setting, closest
-from mergelab.errors import RecipeError
+from mergelab.config import Conditional, Setting
+from mergelab.errors import RecipeError, closest
 from mergelab.methods.spec import MethodSpec, Param
 
 Scope = Mapping[str, Setting] | None
@@ -41,13 +41,20 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
     return (1 - frac) * setting[i0] + frac * setting[i1]
 
 
+def as_bool_if_flag(param: Param, value: Any) -> Any:
+    """YAML numbers 0 and 1 given for a true/false parameter, as mergekit accepts them (``normalize: 1.0``)."""
+    if param.kind is bool and not isinstance(value, bool) and isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    return value
+
+
 def resolve(param: Param, scopes: Sequence[Scope], tensor_name: str, t: float, where: str) -> Any:
     """First value any scope gives for ``param``, else its default (an error if it is required)."""
     for scope in scopes:
         if scope is not None and param.name in scope:
             value = evaluate(scope[param.name], tensor_name, t)
             if value is not None:
-                return param.check(value, where)
+                return param.check(as_bool_if_flag(param, value), where)
     if param.required:
         raise RecipeError(f"{where}: parameter '{param.name}' is required by this method; add it to the recipe")
     return param.default
@@ -76,6 +83,6 @@ def validate_scope(spec: MethodSpec, scope: Scope, where: str, per_model: bool) 
                               "to the top-level parameters")
         for value in scalar_values(setting):
             try:
-                param.check(value, where)
+                param.check(as_bool_if_flag(param, value), where)
             except ValueError as error:
                 raise RecipeError(str(error)) from None

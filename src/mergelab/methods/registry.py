@@ -7,6 +7,7 @@ from mergelab.methods import (
     linear,
     model_stock,
     multislerp,
+    nuslerp,
     passthrough,
     sce,
     scf,
@@ -28,4 +29,5 @@ METHODS: dict[str, MethodSpec] = registry([
     *subspace.SPECS,
     *scf.SPECS,
     *fim.SPECS,
+    *nuslerp.SPECS,
 ])

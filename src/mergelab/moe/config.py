@@ -23,8 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergelab.config import closest, known_dtype, read_yaml
-from mergelab.errors import RecipeError
+from mergelab.config import known_dtype, read_yaml
+from mergelab.errors import RecipeError, closest
 
 
 class Strict(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.config import Recipe
+from mergelab.mergekit_compat import compat_recipe, compat_spec
 from mergelab.params import validate_scope
 from mergelab.plan.data import DEFAULT_SHARD_SIZE, MergePlan
 from mergelab.plan.models import plan_models
@@ -18,7 +19,8 @@ from mergelab.plan.sources import check_architectures, method_spec
 def build_plan(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = False,
                allow_mixed: bool = False, shard_size: int = DEFAULT_SHARD_SIZE) -> MergePlan:
     """Resolve a recipe into output tensor jobs, checked, with the output's shard layout for ``shard_size``."""
-    spec = method_spec(recipe.merge_method)
+    recipe = compat_recipe(recipe)  # --compat mergekit: the recipe read, and the method computed, as mergekit does
+    spec = compat_spec(recipe, method_spec(recipe.merge_method))
     check_architectures(readers, allow_mixed)
     validate_scope(spec, recipe.parameters, "top-level parameters", per_model=False)
     front_end = plan_slices if recipe.slices else plan_models

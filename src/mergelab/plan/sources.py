@@ -13,14 +13,15 @@ import torch
 from mergelab.checkpoint.dtypes import torch_dtype
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.checkpoint.writer import PlannedTensor
-from mergelab.config import Recipe, closest
-from mergelab.errors import CompatibilityError, RecipeError
+from mergelab.config import Recipe
+from mergelab.errors import CompatibilityError, RecipeError, closest
 from mergelab.lora.adapted import check_adapter_bases, open_input
 from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodSpec
 from mergelab.model_refs import resolve_model_ref
 from mergelab.params import Scope, resolve
 from mergelab.plan.data import MergePlan, ShardLayout, TensorJob
+from mergelab.tokenizer_merge import prepare_inputs
 
 
 def resolve_model_path(ref: str, recipe_dir: Path | None) -> str:
@@ -33,7 +34,7 @@ def open_inputs(recipe: Recipe, recipe_dir: Path | None, allow_pickle: bool) -> 
     alone or as BASE+ADAPTER, are opened as their base with the adapter applied on read: ``lora.adapted``)."""
     readers = {ref: open_input(ref, recipe_dir, allow_pickle) for ref in recipe.model_paths()}
     check_adapter_bases(recipe, readers)
-    return readers
+    return prepare_inputs(recipe, readers)  # chat template checked, vocabularies re-indexed (tokenizer_merge)
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -101,7 +102,7 @@ def input_name(reader: ModelReader, name: str, model: str) -> str:
 def tokenizer_folder(recipe: Recipe, readers: dict[str, ModelReader], reference: str) -> Path:
     """Where the output's tokenizer files come from: the base (default) or the model ``tokenizer_source`` names."""
     source = recipe.tokenizer_source
-    if source in (None, "base"):
+    if source in (None, "base", "union"):  # union: the tokenizer is built by tokenizer_merge
         return readers[reference].folder
     if source in readers:
         return readers[source].folder
