@@ -10,6 +10,7 @@ the output's size once), mergelab, and mergekit, for each method. Peak RSS is th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -55,18 +56,16 @@ def write_model(folder: Path, shape: str, seed: int, base: Path | None) -> None:
     names = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     for i in range(layers):
         names.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(hidden, inter, heads, kv, bias).items()})
-    base_tensors = None
-    if base is not None:
-        from safetensors.torch import load_file
+    from safetensors import safe_open
 
-        base_tensors = load_file(base / "model.safetensors")
     tensors = {}
-    for name, dims in names.items():
-        if base_tensors is None:
-            tensors[name] = (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
-        else:
-            noise = torch.randn(dims, generator=gen) * 0.002
-            tensors[name] = (base_tensors[name].float() + noise).to(torch.bfloat16)
+    with safe_open(base / "model.safetensors", "pt") if base is not None else contextlib.nullcontext() as base_file:
+        for name, dims in names.items():  # the base read one tensor at a time: one model in memory, not two
+            if base_file is None:
+                tensors[name] = (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
+            else:
+                noise = torch.randn(dims, generator=gen) * 0.002
+                tensors[name] = (base_file.get_tensor(name).float() + noise).to(torch.bfloat16)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = {"architectures": [arch], "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
