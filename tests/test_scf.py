@@ -8,7 +8,10 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from tinymodels import load_folder, make_family
 
+import mergelab.engine as engine
+from mergelab.api import merge
 from mergelab.errors import CheckpointError, CompatibilityError, RecipeError
 from mergelab.methods.scf import MULTI_EXPERT_RULES, SPECS, passes, saliency
 from mergelab.methods.spec import MethodCall, MethodSpec, TensorInfo
@@ -402,11 +405,6 @@ def test_a_non_finite_threshold_is_refused_in_blocks():
 def test_streamed_merge_writes_the_same_bytes(tmp_path, method, params, monkeypatch):
     """The engine streaming every tensor in one-row blocks (several statistics passes each), and computing
     whole tensors in tiny tiles (1-D norms in pieces), writes the bytes and statistics of whole tensors."""
-    import mergelab.engine as engine
-    from tinymodels import load_folder, make_family
-
-    from mergelab.api import merge
-
     base, experts = make_family(tmp_path / "models", 1 if method == "arcee_fusion" else 2, layers=2,
                                 dtype=torch.bfloat16)
     recipe = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": params,

@@ -219,30 +219,33 @@ class _Fusion:
         base, experts = call.base, call.experts
         if self.numel == 0:
             return base, {}
-        choice = torch.zeros(base.shape, dtype=torch.uint8, device=base.device)  # 0: base, i + 1: expert i
-        best = torch.full_like(base, -math.inf) if len(experts) > 1 else None  # highest passing saliency so far
-        averaging = self.averaging and len(experts) > 1
+        several = len(experts) > 1
+        choice = torch.zeros(base.shape, dtype=torch.uint8, device=base.device) if several else None  # 0: base
+        best = torch.full_like(base, -math.inf) if several else None  # highest passing saliency so far
+        averaging = self.averaging and several
         passing = torch.zeros_like(choice) if averaging else None  # how many experts pass, per element
         delta_sum = torch.zeros_like(base) if averaging else None
+        merged = base
         for i, (state, expert) in enumerate(zip(self.experts, experts)):
             salient = scores(base, expert, self._row_kl(state, call))
             mask = passes(salient, state.threshold)
+            selected = int(mask.sum())
+            state.selected += selected
             delta = expert - base
-            state.selected += int(mask.sum())
             state.full += float(torch.linalg.vecdot(delta.reshape(-1), delta.reshape(-1)))
             kept = delta.mul_(mask)
             state.applied += float(torch.linalg.vecdot(kept.reshape(-1), kept.reshape(-1)))
-            if best is None:
-                choice.masked_fill_(mask, i + 1)
-            else:
-                candidate = salient.masked_fill_(~mask, -math.inf)
-                choice.masked_fill_(candidate > best, i + 1)  # strict: the earlier expert keeps a tie
-                torch.maximum(best, candidate, out=best)
+            if choice is None:  # one expert: the element is the expert's where it passes
+                state.taken += selected
+                merged = torch.where(mask, expert, base)
+                continue
+            candidate = salient.masked_fill_(~mask, -math.inf)
+            choice.masked_fill_(candidate > best, i + 1)  # strict: the earlier expert keeps a tie
+            torch.maximum(best, candidate, out=best)
             if passing is not None and delta_sum is not None:
                 passing += mask
                 delta_sum += kept
-        merged = base
-        for state, expert, i in zip(self.experts, experts, range(len(experts))):
+        for i, (state, expert) in enumerate(zip(self.experts, experts) if choice is not None else ()):
             taken = choice == i + 1
             if passing is not None:
                 taken &= passing == 1

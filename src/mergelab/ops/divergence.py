@@ -20,7 +20,7 @@ import torch
 
 
 def softmax_kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, epsilon: float,
-                    block_elements: int = 1 << 22) -> torch.Tensor:
+                    block_elements: int = 1 << 18) -> torch.Tensor:
     """``KL(p ‖ q) = Σ_i p_i log(p_i / q_i)`` per row, with ``p = softmax(p_logits) + ε`` and
     ``q = softmax(q_logits) + ε`` over the last dimension (Algorithm 1's smoothed distributions).
 
