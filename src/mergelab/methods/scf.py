@@ -104,12 +104,13 @@ def row_divergence(base: torch.Tensor, expert: torch.Tensor, epsilon: float, rev
     return softmax_kl_rows(first, second, epsilon)  # KL(first ‖ second) per row
 
 
-def scores(base: torch.Tensor, expert: torch.Tensor, row_kl: torch.Tensor) -> torch.Tensor:
+def scores(base: torch.Tensor, expert: torch.Tensor, row_kl: torch.Tensor,
+           delta: torch.Tensor | None = None) -> torch.Tensor:
     """``I = |θ_s − θ_b| ⊙ D`` in the inputs' dtype, ``row_kl`` (float64, one per row of these tensors)
-    broadcast over each row."""
-    delta = (expert - base).abs_()
-    kl = row_kl.to(delta.dtype)
-    return delta.mul_(kl.unsqueeze(-1) if base.dim() and kl.dim() else kl)
+    broadcast over each row; ``delta``: ``θ_s − θ_b`` where the caller has it already."""
+    magnitude = (expert - base).abs_() if delta is None else delta.abs()
+    kl = row_kl.to(magnitude.dtype)
+    return magnitude.mul_(kl.unsqueeze(-1) if base.dim() and kl.dim() else kl)
 
 
 def saliency(base: torch.Tensor, expert: torch.Tensor, epsilon: float, reverse: bool) -> torch.Tensor:
@@ -227,11 +228,11 @@ class _Fusion:
         delta_sum = torch.zeros_like(base) if averaging else None
         merged = base
         for i, (state, expert) in enumerate(zip(self.experts, experts)):
-            salient = scores(base, expert, self._row_kl(state, call))
-            mask = passes(salient, state.threshold)
-            selected = int(mask.sum())
-            state.selected += selected
             delta = expert - base
+            salient = scores(base, expert, self._row_kl(state, call), delta)
+            mask = passes(salient, state.threshold)
+            selected = int(torch.count_nonzero(mask))
+            state.selected += selected
             state.full += float(torch.linalg.vecdot(delta.reshape(-1), delta.reshape(-1)))
             kept = delta.mul_(mask)
             state.applied += float(torch.linalg.vecdot(kept.reshape(-1), kept.reshape(-1)))

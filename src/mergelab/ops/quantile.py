@@ -271,14 +271,13 @@ class Selection:
 @dataclass
 class _Bracket:
     """Values in ``[low, high]`` hold a wanted rank of ``ranks`` if ``below`` (values < low) <= rank < numel -
-    ``above`` (values > high); ``parts`` gathers the values inside, ends included."""
+    ``above`` (values > high)."""
 
     ranks: list[int]
     low: float
     high: float
     below: int = 0
     above: int = 0
-    parts: list[Any] = field(default_factory=list)
 
 
 class SampledSelection:
@@ -286,12 +285,13 @@ class SampledSelection:
 
     Pass 1 keeps every ``stride``-th value fed. Between the passes each wanted rank gets a bracket of sample
     values four standard deviations of a sample rank (plus two) either side of where the rank falls in the
-    sample (overlapping brackets, such as those of the two ranks a linear quantile interpolates, are joined
-    into one). Pass 2 counts the values below and above each bracket and gathers those inside: two
-    compare-and-count steps and one gather per value, several times cheaper than a 16-bit histogram. A rank
-    that falls outside its bracket (an unlucky sample; a strided sample of periodic data) is then found by
-    ``Selection`` in further passes, so the result is exact whatever the sample; a NaN also falls back. Values
-    equal to a bracket end are counted by value, so -0.0 and +0.0 count as equal. Same interface as
+    sample (ranks whose sample windows overlap, such as the two ranks a linear quantile interpolates, share
+    one). Pass 2 counts the values below and above each bracket and gathers those inside any bracket: per
+    bracket two compare-and-count steps and two boolean steps, then one gather, several times cheaper than a
+    16-bit histogram. A rank that falls outside its bracket (an unlucky
+    sample; a strided sample of periodic data) is then found by ``Selection`` in further passes, so the result
+    is exact whatever the sample; a NaN also falls back. Values equal to a bracket end are counted by value,
+    so -0.0 and +0.0 count as equal. Same interface as
     ``Selection``.
     """
 
@@ -301,6 +301,7 @@ class SampledSelection:
         self.nan = False
         self._sample: list[Any] = []
         self._brackets: list[_Bracket] | None = None
+        self._inside: list[Any] = []  # pass 2: the values inside any bracket
         self._fallback: Selection | None = None
         self._xp: _ArrayOps | None = None
         self._offset = 0
@@ -321,12 +322,15 @@ class SampledSelection:
             self._sample.append(xp.copy(flat[(-self._offset) % self.stride :: self.stride]))
             self._offset = (self._offset + flat.shape[0]) % self.stride
             return
+        outside = None  # outside every bracket (brackets may share values): one gather, split in end_pass
         for bracket in self._brackets:
-            outside_low = flat < bracket.low
-            outside_high = flat > bracket.high
-            bracket.below += xp.count(outside_low)
-            bracket.above += xp.count(outside_high)
-            bracket.parts.append(flat[~(outside_low | outside_high)])
+            below_low = flat < bracket.low
+            above_high = flat > bracket.high
+            bracket.below += xp.count(below_low)
+            bracket.above += xp.count(above_high)
+            below_low |= above_high  # outside this bracket (a NaN is outside none, so it is gathered)
+            outside = below_low if outside is None else outside.__iand__(below_low)
+        self._inside.append(flat[~outside])
 
     def end_pass(self) -> None:
         xp = self._xp
@@ -345,12 +349,13 @@ class SampledSelection:
             self._brackets = self._bracket(sample, xp)
             return
         missed = []
+        gathered = xp.concatenate(self._inside)
+        self._inside = []
+        if xp.has_nan(gathered):
+            self.nan = True
+            return
         for bracket in self._brackets:
-            inside = xp.concatenate(bracket.parts)
-            bracket.parts = []
-            if xp.has_nan(inside):
-                self.nan = True
-                return
+            inside = gathered[(gathered >= bracket.low) & (gathered <= bracket.high)]
             for rank, found in _resolve(bracket, inside, self.numel, xp).items():
                 if found is None:
                     missed.append(rank)
