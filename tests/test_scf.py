@@ -16,6 +16,7 @@ from mergelab.errors import CheckpointError, CompatibilityError, RecipeError
 from mergelab.methods.scf import MULTI_EXPERT_RULES, SPECS, passes, saliency
 from mergelab.methods.spec import MethodCall, MethodSpec, TensorInfo
 from mergelab.ops.divergence import softmax_kl_rows
+from mergelab.ops.select import bit_mask, keep_, select
 
 SPEC = {spec.name: spec for spec in SPECS}
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
@@ -433,3 +434,20 @@ def test_streamed_merge_writes_the_same_bytes(tmp_path, method, params, monkeypa
                 else:
                     assert value == expected, (name, key)
     assert any(0 < e["selected_0"] < 0.5 for e in reference_stats.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bit_selection_is_torch_where(dtype):
+    """The output pass selects through bit masks: the bits of torch.where, signed zeros, infinities, NaN."""
+    g = torch.Generator().manual_seed(19)
+    a = torch.randn(64, 33, generator=g).to(dtype)
+    b = torch.randn(64, 33, generator=g).to(dtype)
+    a[0, :4] = torch.tensor([-0.0, math.inf, -math.inf, math.nan], dtype=dtype)
+    b[1, :4] = torch.tensor([-0.0, math.nan, 0.0, -math.inf], dtype=dtype)
+    mask = torch.rand(64, 33, generator=g) < 0.3
+    mask[:2] = True
+    bits = bit_mask(mask, dtype)
+    width = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(select(bits, a, b).view(width), torch.where(mask, a, b).view(width))
+    kept = keep_(a.clone(), bits)
+    assert torch.equal(kept.view(width), torch.where(mask, a, torch.zeros_like(a)).view(width))

@@ -46,6 +46,7 @@ from mergelab.errors import CheckpointError, CompatibilityError, RecipeError
 from mergelab.methods.spec import MethodCall, MethodSpec, Param, TensorInfo, TwoPass
 from mergelab.ops.divergence import softmax_kl_rows
 from mergelab.ops.quantile import INTERPOLATIONS, StreamedQuantiles
+from mergelab.ops.select import bit_mask, keep_, select
 from mergelab.ops.sparsify import exact_selection
 
 CITATION = "Lin et al. 2026, Sparse Complementary Fusion with Reverse KL (SCF-RKL), Algorithm 1"
@@ -231,14 +232,15 @@ class _Fusion:
             delta = expert - base
             salient = scores(base, expert, self._row_kl(state, call), delta)
             mask = passes(salient, state.threshold)
+            bits = bit_mask(mask, base.dtype)
             selected = int(torch.count_nonzero(mask))
             state.selected += selected
             state.full += float(torch.linalg.vecdot(delta.reshape(-1), delta.reshape(-1)))
-            kept = delta.mul_(mask)
+            kept = keep_(delta, bits)
             state.applied += float(torch.linalg.vecdot(kept.reshape(-1), kept.reshape(-1)))
             if choice is None:  # one expert: the element is the expert's where it passes
                 state.taken += selected
-                merged = torch.where(mask, expert, base)
+                merged = select(bits, expert, base)
                 continue
             candidate = salient.masked_fill_(~mask, -math.inf)
             choice.masked_fill_(candidate > best, i + 1)  # strict: the earlier expert keeps a tie
@@ -250,8 +252,8 @@ class _Fusion:
             taken = choice == i + 1
             if passing is not None:
                 taken &= passing == 1
-            state.taken += int(taken.sum())
-            merged = torch.where(taken, expert, merged)
+            state.taken += int(torch.count_nonzero(taken))
+            merged = select(bit_mask(taken, base.dtype), expert, merged)
         if passing is not None and delta_sum is not None:
             averaged = passing >= 2
             self.averaged += int(averaged.sum())
