@@ -5,11 +5,16 @@ then times, as separate processes in one run: the I/O floor (read every input by
 the output's size once), mergelab, and mergekit, for each method. Peak RSS is the child's ``ru_maxrss``.
 
     python benchmarks/bench_engine.py --shapes smollm2-135m qwen2.5-1.5b --methods task_arithmetic ties
+    python benchmarks/bench_engine.py --shapes qwen2.5-1.5b --methods all --experts 2 --no-mergekit
+
+``--methods all`` runs every method mergelab registers (asked from a child process, so that this parent, whose
+memory a child's peak RSS can include, never imports torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -55,18 +60,16 @@ def write_model(folder: Path, shape: str, seed: int, base: Path | None) -> None:
     names = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     for i in range(layers):
         names.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(hidden, inter, heads, kv, bias).items()})
-    base_tensors = None
-    if base is not None:
-        from safetensors.torch import load_file
+    from safetensors import safe_open
 
-        base_tensors = load_file(base / "model.safetensors")
     tensors = {}
-    for name, dims in names.items():
-        if base_tensors is None:
-            tensors[name] = (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
-        else:
-            noise = torch.randn(dims, generator=gen) * 0.002
-            tensors[name] = (base_tensors[name].float() + noise).to(torch.bfloat16)
+    with safe_open(base / "model.safetensors", "pt") if base is not None else contextlib.nullcontext() as base_file:
+        for name, dims in names.items():  # the base read one tensor at a time: one model in memory, not two
+            if base_file is None:
+                tensors[name] = (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
+            else:
+                noise = torch.randn(dims, generator=gen) * 0.002
+                tensors[name] = (base_file.get_tensor(name).float() + noise).to(torch.bfloat16)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = {"architectures": [arch], "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
@@ -111,7 +114,8 @@ with open(os.environ['FLOOR_OUT'], 'wb') as f:
 # experts. mergekit has no tsv, iso_c, iso_cts, *_sb, scf_rkl or scf_kl; those run without it.
 PAIR_METHODS = {"slerp": {"t": 0.5}, "scf_rkl": {}, "scf_kl": {}, "arcee_fusion": {}}
 NO_BASE_METHODS = {"linear", "karcher", "multislerp"}
-NOT_IN_MERGEKIT = {"tsv", "iso_c", "iso_cts", "task_arithmetic_sb", "ties_sb", "scf_rkl", "scf_kl"}
+NOT_IN_MERGEKIT = {"tsv", "iso_c", "iso_cts", "task_arithmetic_sb", "ties_sb", "scf_rkl", "scf_kl", "fim_ta",
+                   "fim_ties"}
 SPARSE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
@@ -122,6 +126,8 @@ def recipe_for(method: str, base: Path, experts: list[Path]) -> tuple[dict, list
         top = PAIR_METHODS[method]
         return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "bfloat16",
                 **({"parameters": top} if top else {})}, [base, experts[0]]
+    if method == "passthrough":  # one model, copied
+        return {"merge_method": method, "dtype": "bfloat16", "models": [{"model": str(experts[0])}]}, experts[:1]
     if method in NO_BASE_METHODS:
         return {"merge_method": method, "dtype": "bfloat16",
                 "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in experts]}, experts
@@ -135,7 +141,8 @@ def recipe_for(method: str, base: Path, experts: list[Path]) -> tuple[dict, list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2-135m"], choices=sorted(SHAPES))
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"],
+                        help="method names, or 'all' for every registered method")
     parser.add_argument("--experts", type=int, default=2, help="number of experts besides the base")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergelab-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
@@ -153,6 +160,10 @@ def main() -> None:
         return
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.methods == ["all"]:
+        listing = "from mergelab.methods import METHODS; print(' '.join(METHODS))"
+        args.methods = subprocess.run([sys.executable, "-c", listing], env=env, check=True, capture_output=True,
+                                      text=True).stdout.split()
     for shape in args.shapes:
         root = args.workdir / shape
         folders = [root / "base"] + [root / f"expert{i}" for i in range(args.experts)]
@@ -194,7 +205,8 @@ def main() -> None:
                 results["mergekit"] = run_measured([str(bin_dir / "mergekit-yaml"), str(recipe_path), str(mk_out),
                                                     "--no-copy-tokenizer"], env)
                 shutil.rmtree(mk_out, ignore_errors=True)
-            print(format_row(f"{shape} N={len(used) - (0 if method in NO_BASE_METHODS else 1)}", method, results),
+            with_base = method not in NO_BASE_METHODS and method != "passthrough"
+            print(format_row(f"{shape} N={len(used) - with_base}", method, results),
                   flush=True)
 
 

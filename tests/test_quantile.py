@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mergelab.ops.quantile import INTERPOLATIONS, SampledSelection, Selection, quantiles
+from mergelab.ops.quantile import INTERPOLATIONS, SampledSelection, Selection, StreamedQuantiles, quantiles
 
 QS = [0.0, 0.01, 0.25, 0.3, 0.5, 0.62, 0.75, 0.9, 0.97, 1.0]
 DISCRETE = ("lower", "higher", "nearest")
@@ -176,3 +176,25 @@ def test_sampled_selection_reports_nan():
     selection = SampledSelection(x.numel(), [2500], gather_limit=16)
     _selected(selection, x, 1000)
     assert selection.nan
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_streamed_quantiles_in_blocks_equal_numpy(interpolation):
+    """The quantiles of values fed in blocks, through either selection (brackets shared by neighbouring ranks,
+    ties, a tensor that is 80 % zeros), are numpy.quantile's."""
+    rng = np.random.default_rng(5)
+    n = 9000
+    cases = {"normal": rng.normal(size=n), "ties": rng.integers(0, 4, n) * 0.25,
+             "mostly zero": np.where(rng.random(n) < 0.8, 0.0, rng.random(n))}
+    selections = {"radix": lambda numel, ranks: Selection(numel, ranks, gather_limit=16),
+                  "sampled": lambda numel, ranks: SampledSelection(numel, ranks, gather_limit=16)}
+    for kind, values in cases.items():
+        x = torch.tensor(values, dtype=torch.float32)
+        expected = np.quantile(x.numpy().astype(np.float64), QS, method=interpolation)
+        for name, selection in selections.items():
+            streamed = StreamedQuantiles(n, QS, interpolation, selection)
+            while not streamed.done:
+                for start in range(0, n, 700):
+                    streamed.feed(x[start : start + 700])
+                streamed.end_pass()
+            assert streamed.values == list(expected), (kind, name)

@@ -1,17 +1,22 @@
 """SCF-RKL / SCF-KL / arcee_fusion against a straightforward float64 numpy re-implementation of Algorithm 1
 (Lin et al. 2026), the per-row KL against 40-digit arithmetic, and the properties the paper's formula implies."""
 
+import json
 import math
 
 import mpmath
 import numpy as np
 import pytest
 import torch
+from tinymodels import load_folder, make_family
 
-from mergelab.errors import CompatibilityError, RecipeError
-from mergelab.methods.scf import SPECS, passes, saliency
+import mergelab.stream.pipeline as pipeline
+from mergelab.api import merge
+from mergelab.errors import CheckpointError, CompatibilityError, RecipeError
+from mergelab.methods.scf import MULTI_EXPERT_RULES, SPECS, passes, saliency
 from mergelab.methods.spec import MethodCall, MethodSpec, TensorInfo
 from mergelab.ops.divergence import softmax_kl_rows
+from mergelab.ops.select import bit_mask, keep_, select
 
 SPEC = {spec.name: spec for spec in SPECS}
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
@@ -262,3 +267,187 @@ def test_bad_parameters_and_inputs():
     arcee = SPEC["arcee_fusion"]
     assert "quantile_method" not in arcee.param_names and arcee.fixed["quantile_method"] == "lower"
     assert arcee.max_experts == 1 and arcee.aliases_of == "scf_kl"
+
+
+# --- row blocks (the TwoPass protocol the engine streams large tensors with) ---------------------------------
+
+# how the quantiles' order statistics are found: one sort of everything; radix histogram levels; a sample's
+# brackets (which a 1-element fallback bucket makes fall back to histogram levels when one misses)
+SELECTIONS = [(1 << 22, False), (1, False), (1, True)]
+
+
+def blockwise_fused(spec: MethodSpec, base, experts, rows: int, **params):
+    """The engine's protocol on ``rows``-row blocks (elements of a 1-D tensor, as the engine's tiles cut it):
+    the statistics passes over every block, then the output pass."""
+    values = {p.name: p.default for p in spec.params} | dict(spec.fixed) | params
+    n = base.shape[0] if base.dim() else 1
+    blocks = [(a, min(a + rows, n)) for a in range(0, n, rows)]
+    state = spec.two_pass.start(INFO, values, tuple(base.shape), None)
+
+    def block_call(a, b):
+        return MethodCall(base[a:b], [e[a:b] for e in experts], INFO, values)
+
+    while not state.done:
+        for a, b in blocks:
+            state.observe(block_call(a, b))
+        state.end_pass()
+    outputs = [spec.two_pass.block(block_call(a, b), state) for a, b in blocks]
+    return torch.cat([m for m, _ in outputs]), outputs[-1][1]
+
+
+def assert_same(streamed, whole):
+    """Same bits; the same statistics, the norm ratios up to the rounding of sums taken block by block."""
+    (merged, stats), (merged_whole, stats_whole) = streamed, whole
+    assert torch.equal(merged, merged_whole)
+    assert stats.keys() == stats_whole.keys()
+    for key, value in stats.items():
+        if key.startswith("update_norm_ratio"):
+            assert value == pytest.approx(stats_whole[key], rel=1e-6)
+        else:
+            assert value == stats_whole[key], key
+
+
+@pytest.mark.parametrize("method,reverse,quantile_method", CASES)
+@pytest.mark.parametrize("gather_limit, sample", SELECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_give_the_same_bits_as_the_whole_tensor(method, reverse, quantile_method, gather_limit, sample,
+                                                       dtype, monkeypatch):
+    import mergelab.ops.sparsify as sparsify
+
+    monkeypatch.setattr(sparsify, "GATHER_LIMIT", gather_limit)
+    monkeypatch.setattr(sparsify, "SAMPLE", sample)
+    spec = SPEC[method]
+    extra = {} if spec.fixed else {"quantile_method": quantile_method}
+    for shape in ((64, 48), (3, 8, 20), (96,)):
+        base, expert = pair(shape, seed=len(shape) + 20, scale=0.1, dtype=dtype)
+        whole = run(spec, base, [expert], **extra)
+        _, tau, mask = reference(base, expert, reverse=reverse, quantile_method=quantile_method)
+        assert abs(whole[1]["threshold_0"] - tau) <= NEAR * abs(tau)
+        for rows in (1, 3, 7, shape[0]):
+            assert_same(blockwise_fused(spec, base, [expert], rows, **extra), whole)
+
+
+def test_the_float64_reference_is_met_on_every_element_in_blocks():
+    base, expert = pair((128, 64), seed=9, scale=0.05)
+    _, _, mask = reference(base, expert)
+    for rows in (1, 5, 128):
+        merged, _ = blockwise_fused(SPEC["scf_rkl"], base, [expert], rows)
+        assert torch.equal(merged, torch.where(torch.from_numpy(mask), expert, base))
+
+
+def test_ties_exactly_at_the_threshold_in_blocks():
+    """Identical rows (so one divergence) and a coarse grid of deltas: hundreds of scores equal τ, which
+    alpha 0 and the lower interpolation make the median; all of them pass, in every block."""
+    g = torch.Generator().manual_seed(13)
+    row = torch.randn(40, generator=g, dtype=torch.float64)
+    moves = torch.randint(-3, 4, (40,), generator=g).double() / 64
+    base, expert = row.expand(30, 40).clone(), (row + moves).expand(30, 40).clone()
+    sal, tau, mask = reference(base, expert, alpha=0.0, quantile_method="lower")
+    at_tau = sal == tau
+    assert at_tau.sum() > 100
+    whole = run(SPEC["scf_rkl"], base, [expert], alpha=0.0, quantile_method="lower")
+    assert torch.equal(whole[0], torch.where(torch.from_numpy(mask), expert, base))
+    assert torch.equal(whole[0][torch.from_numpy(at_tau)], expert[torch.from_numpy(at_tau)])
+    for rows in (1, 4, 30):
+        assert_same(blockwise_fused(SPEC["scf_rkl"], base, [expert], rows, alpha=0.0, quantile_method="lower"),
+                    whole)
+
+
+@pytest.mark.parametrize("zero_fraction", [0.75, 0.8])
+def test_mostly_zero_saliency_in_blocks(zero_fraction):
+    """An expert equal to the base on 75 % (or more) of the elements: Q1 = median = 0, and τ = α Q3, which
+    is 0 (every element passes) once Q3 falls among the zeros."""
+    base, expert = pair((40, 50), seed=14, scale=0.2)
+    g = torch.Generator().manual_seed(15)
+    same = torch.randperm(2000, generator=g)[: int(zero_fraction * 2000)]
+    expert.view(-1)[same] = base.view(-1)[same]
+    sal, tau, mask = reference(base, expert)
+    assert np.quantile(sal, 0.5) == 0.0
+    whole = run(SPEC["scf_rkl"], base, [expert])
+    assert whole[1]["threshold_0"] == pytest.approx(tau, rel=NEAR, abs=0.0)
+    assert torch.equal(whole[0], torch.where(torch.from_numpy(mask), expert, base))
+    for rows in (1, 6, 40):
+        assert_same(blockwise_fused(SPEC["scf_rkl"], base, [expert], rows), whole)
+
+
+@pytest.mark.parametrize("rule", MULTI_EXPERT_RULES)
+def test_multi_expert_rules_in_blocks(rule):
+    g = torch.Generator().manual_seed(16)
+    base = torch.randn(36, 20, generator=g)
+    experts = [base + s * torch.randn(36, 20, generator=g) for s in (0.05, 0.1, 0.2)]
+    experts[2][:, :3] = experts[0][:, :3]  # two experts equal there: ties between them
+    whole = run(SPEC["scf_rkl"], base, experts, multi_expert=rule)
+    for rows in (1, 5, 36):
+        assert_same(blockwise_fused(SPEC["scf_rkl"], base, experts, rows, multi_expert=rule), whole)
+    hand = _hand_built()
+    assert_same(blockwise_fused(SPEC["scf_rkl"], hand[0], list(hand[1:]), 3, multi_expert=rule),
+                run(SPEC["scf_rkl"], hand[0], list(hand[1:]), multi_expert=rule))
+
+
+def test_a_1d_row_in_pieces_keeps_its_one_divergence():
+    """The engine's tiles cut a long 1-D tensor into pieces; its divergence is still that of the whole row."""
+    base, expert = pair((300,), seed=17, scale=0.3)
+    whole = run(SPEC["scf_rkl"], base, [expert])
+    _, tau, mask = reference(base, expert)
+    assert whole[1]["threshold_0"] == pytest.approx(tau, rel=NEAR)
+    for rows in (1, 64, 299):
+        assert_same(blockwise_fused(SPEC["scf_rkl"], base, [expert], rows), whole)
+
+
+def test_a_non_finite_threshold_is_refused_in_blocks():
+    base, expert = pair((10, 8), seed=18)
+    expert[3, 2] = math.nan
+    with pytest.raises(CheckpointError, match="threshold of expert 0"):
+        blockwise_fused(SPEC["scf_rkl"], base, [expert], 3)
+
+
+@pytest.mark.parametrize("method, params", [("scf_rkl", {}), ("scf_rkl", {"multi_expert": "mean"}),
+                                            ("scf_kl", {"quantile_method": "midpoint"}), ("arcee_fusion", {})])
+def test_streamed_merge_writes_the_same_bytes(tmp_path, method, params, monkeypatch):
+    """The engine streaming every tensor in one-row blocks (several statistics passes each), and computing
+    whole tensors in tiny tiles (1-D norms in pieces), writes the bytes and statistics of whole tensors."""
+    base, experts = make_family(tmp_path / "models", 1 if method == "arcee_fusion" else 2, layers=2,
+                                dtype=torch.bfloat16)
+    recipe = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": params,
+              "models": [{"model": str(e)} for e in experts]}
+    observed = []
+    original = pipeline.observe_piece
+    monkeypatch.setattr(pipeline, "observe_piece", lambda run, piece, *args: (observed.append(piece.job.name),
+                                                                         original(run, piece, *args)))
+    whole = merge(recipe, tmp_path / "whole", tile_elements=1 << 30)
+    assert observed == []
+    outputs = [whole, merge(recipe, tmp_path / "tiled", tile_elements=40),
+               merge(recipe, tmp_path / "streamed", chunk_elements=100, stream_elements=0)]
+    assert "model.layers.1.mlp.down_proj.weight" in observed
+    reference_tensors = load_folder(whole)
+    reference_stats = json.loads((whole / "mergelab.json").read_text())["tensors"]
+    for out in outputs[1:]:
+        tensors = load_folder(out)
+        assert tensors.keys() == reference_tensors.keys()
+        assert all(torch.equal(tensors[k], reference_tensors[k]) for k in tensors)
+        stats = json.loads((out / "mergelab.json").read_text())["tensors"]
+        for name, entry in stats.items():
+            for key, value in entry.items():
+                expected = reference_stats[name][key]
+                if key.startswith("update_norm_ratio"):
+                    assert value == pytest.approx(expected, rel=1e-6)
+                else:
+                    assert value == expected, (name, key)
+    assert any(0 < e["selected_0"] < 0.5 for e in reference_stats.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bit_selection_is_torch_where(dtype):
+    """The output pass selects through bit masks: the bits of torch.where, signed zeros, infinities, NaN."""
+    g = torch.Generator().manual_seed(19)
+    a = torch.randn(64, 33, generator=g).to(dtype)
+    b = torch.randn(64, 33, generator=g).to(dtype)
+    a[0, :4] = torch.tensor([-0.0, math.inf, -math.inf, math.nan], dtype=dtype)
+    b[1, :4] = torch.tensor([-0.0, math.nan, 0.0, -math.inf], dtype=dtype)
+    mask = torch.rand(64, 33, generator=g) < 0.3
+    mask[:2] = True
+    bits = bit_mask(mask, dtype)
+    width = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(select(bits, a, b).view(width), torch.where(mask, a, b).view(width))
+    kept = keep_(a.clone(), bits)
+    assert torch.equal(kept.view(width), torch.where(mask, a, torch.zeros_like(a)).view(width))

@@ -117,7 +117,8 @@ def build_world(root: Path) -> None:
     write_recipe(root / "sub" / "recipe.yml", ta("models/base", ["../models/expert0"]))
     adapter = root / "lora_adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": "x"}')
+    (adapter / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": "x"}')
     (adapter / "adapter_model.safetensors").write_bytes((root / "models/expert0/model.safetensors").read_bytes())
     (root / "model-q4.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     shutil.copytree(root / "models/expert1", root / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))

@@ -88,23 +88,55 @@ def quantiles(x: torch.Tensor, qs: Sequence[float], interpolation: str = "linear
     temporaries in cache, 2^24 on CUDA) and ``gather_limit`` trade speed for work memory and never change
     the result.
     """
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown quantile interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
     if not x.is_floating_point():
         raise TypeError(f"quantiles need a floating-point tensor, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError("quantiles of an empty tensor are undefined")
-    if any(not 0.0 <= q <= 1.0 for q in qs):
-        raise ValueError(f"quantiles must lie in [0, 1], got {list(qs)}")
     flat = x.reshape(-1)
-    plans = [_plan(flat.numel(), q, interpolation) for q in qs]
-    ranks = sorted({rank for lo, hi, _ in plans for rank in (lo, hi)})
-    if chunk_elements is None:
-        chunk_elements = _CPU_CHUNK if x.device.type == "cpu" else _CUDA_CHUNK
-    values = _order_statistics(flat, ranks, chunk_elements, gather_limit)
-    if values is None:
-        return [math.nan] * len(qs)
-    return [values[lo] if gamma == 0.0 else _lerp(values[lo], values[hi], gamma) for lo, hi, gamma in plans]
+    streamed = StreamedQuantiles(flat.numel(), qs, interpolation,
+                                 lambda numel, ranks: Selection(numel, ranks, chunk_elements, gather_limit))
+    while not streamed.done:
+        streamed.feed(flat)
+        streamed.end_pass()
+    return streamed.values
+
+
+class StreamedQuantiles:
+    """The ``qs`` quantiles of ``numel`` values streamed in blocks, exactly as ``quantiles`` defines them.
+
+    The order statistics the quantiles need come from ``selection(numel, ranks)``: a ``Selection`` (the
+    default) or a ``SampledSelection``. Feed every value once per pass, then ``end_pass``, until ``done``;
+    ``values`` then holds the quantiles (all NaN if a NaN was fed).
+    """
+
+    def __init__(self, numel: int, qs: Sequence[float], interpolation: str = "linear",
+                 selection: Callable[[int, list[int]], Selection | SampledSelection] | None = None):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown quantile interpolation {interpolation!r}; use one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        if numel == 0:
+            raise ValueError("quantiles of an empty tensor are undefined")
+        if any(not 0.0 <= q <= 1.0 for q in qs):
+            raise ValueError(f"quantiles must lie in [0, 1], got {list(qs)}")
+        self._plans = [_plan(numel, q, interpolation) for q in qs]
+        ranks = sorted({rank for lo, hi, _ in self._plans for rank in (lo, hi)})
+        self._selection = (selection or Selection)(numel, ranks)
+
+    @property
+    def done(self) -> bool:
+        return self._selection.done
+
+    def feed(self, values: torch.Tensor) -> None:
+        self._selection.feed(values)
+
+    def end_pass(self) -> None:
+        self._selection.end_pass()
+
+    @property
+    def values(self) -> list[float]:
+        if self._selection.nan:
+            return [math.nan] * len(self._plans)
+        found = self._selection.found
+        return [found[lo].value if gamma == 0.0 else _lerp(found[lo].value, found[hi].value, gamma)
+                for lo, hi, gamma in self._plans]
 
 
 def _plan(n: int, q: float, interpolation: str) -> tuple[int, int, float]:
@@ -238,15 +270,14 @@ class Selection:
 
 @dataclass
 class _Bracket:
-    """Values in ``[low, high]`` hold a wanted rank if ``below`` (values < low) <= rank < numel - ``above``
-    (values > high); ``parts`` gathers the values inside, ends included."""
+    """Values in ``[low, high]`` hold a wanted rank of ``ranks`` if ``below`` (values < low) <= rank < numel -
+    ``above`` (values > high)."""
 
-    rank: int
+    ranks: list[int]
     low: float
     high: float
     below: int = 0
     above: int = 0
-    parts: list[Any] = field(default_factory=list)
 
 
 class SampledSelection:
@@ -254,11 +285,13 @@ class SampledSelection:
 
     Pass 1 keeps every ``stride``-th value fed. Between the passes each wanted rank gets a bracket of sample
     values four standard deviations of a sample rank (plus two) either side of where the rank falls in the
-    sample. Pass 2 counts the values below and above each bracket and gathers those inside: two
-    compare-and-count steps and one gather per value, several times cheaper than a 16-bit histogram. A rank
-    that falls outside its bracket (an unlucky sample; a strided sample of periodic data) is then found by
-    ``Selection`` in further passes, so the result is exact whatever the sample; a NaN also falls back. Values
-    equal to a bracket end are counted by value, so -0.0 and +0.0 count as equal. Same interface as
+    sample (ranks whose sample windows overlap, such as the two ranks a linear quantile interpolates, share
+    one). Pass 2 counts the values below and above each bracket and gathers those inside any bracket: per
+    bracket two compare-and-count steps and two boolean steps, then one gather, several times cheaper than a
+    16-bit histogram. A rank that falls outside its bracket (an unlucky
+    sample; a strided sample of periodic data) is then found by ``Selection`` in further passes, so the result
+    is exact whatever the sample; a NaN also falls back. Values equal to a bracket end are counted by value,
+    so -0.0 and +0.0 count as equal. Same interface as
     ``Selection``.
     """
 
@@ -268,6 +301,7 @@ class SampledSelection:
         self.nan = False
         self._sample: list[Any] = []
         self._brackets: list[_Bracket] | None = None
+        self._inside: list[Any] = []  # pass 2: the values inside any bracket
         self._fallback: Selection | None = None
         self._xp: _ArrayOps | None = None
         self._offset = 0
@@ -288,12 +322,15 @@ class SampledSelection:
             self._sample.append(xp.copy(flat[(-self._offset) % self.stride :: self.stride]))
             self._offset = (self._offset + flat.shape[0]) % self.stride
             return
+        outside = None  # outside every bracket (brackets may share values): one gather, split in end_pass
         for bracket in self._brackets:
-            outside_low = flat < bracket.low
-            outside_high = flat > bracket.high
-            bracket.below += xp.count(outside_low)
-            bracket.above += xp.count(outside_high)
-            bracket.parts.append(flat[~(outside_low | outside_high)])
+            below_low = flat < bracket.low
+            above_high = flat > bracket.high
+            bracket.below += xp.count(below_low)
+            bracket.above += xp.count(above_high)
+            below_low |= above_high  # outside this bracket (a NaN is outside none, so it is gathered)
+            outside = below_low if outside is None else outside.__iand__(below_low)
+        self._inside.append(flat[~outside])
 
     def end_pass(self) -> None:
         xp = self._xp
@@ -312,17 +349,18 @@ class SampledSelection:
             self._brackets = self._bracket(sample, xp)
             return
         missed = []
+        gathered = xp.concatenate(self._inside)
+        self._inside = []
+        if xp.has_nan(gathered):
+            self.nan = True
+            return
         for bracket in self._brackets:
-            inside = xp.concatenate(bracket.parts)
-            bracket.parts = []
-            if xp.has_nan(inside):
-                self.nan = True
-                return
-            found = _resolve(bracket, inside, self.numel, xp)
-            if found is None:
-                missed.append(bracket.rank)
-            else:
-                self.found[bracket.rank] = found
+            inside = gathered[(gathered >= bracket.low) & (gathered <= bracket.high)]
+            for rank, found in _resolve(bracket, inside, self.numel, xp).items():
+                if found is None:
+                    missed.append(rank)
+                else:
+                    self.found[rank] = found
         if missed:
             self._fallback = Selection(self.numel, missed, gather_limit=self.gather_limit)
 
@@ -333,36 +371,41 @@ class SampledSelection:
             q = (rank + 0.5) / self.numel
             center, spread = q * size, 4.0 * math.sqrt(size * q * (1.0 - q)) + 2.0
             ends.append((math.floor(center - spread), math.ceil(center + spread)))
-        inner = sorted({i for pair in ends for i in pair if 0 <= i < size})
+        joined: list[tuple[list[int], int, int]] = []  # ranks sorted, so their sample windows are too
+        for rank, (low, high) in zip(self.ranks, ends):
+            if joined and low <= joined[-1][2]:
+                joined[-1] = (joined[-1][0] + [rank], joined[-1][1], max(high, joined[-1][2]))
+            else:
+                joined.append(([rank], low, high))
+        inner = sorted({i for _, low, high in joined for i in (low, high) if 0 <= i < size})
         values = dict(zip(inner, xp.nth(sample, inner))) if inner else {}
-        return [_Bracket(rank, values.get(low, -math.inf), values.get(high, math.inf))
-                for rank, (low, high) in zip(self.ranks, ends)]
+        return [_Bracket(ranks, values.get(low, -math.inf), values.get(high, math.inf))
+                for ranks, low, high in joined]
 
 
-def _resolve(bracket: _Bracket, inside: Any, numel: int, xp: _ArrayOps) -> Rank | None:
-    """The bracket's rank from the values gathered inside it, or None if the rank lies outside."""
-    position = bracket.rank - bracket.below
-    if not 0 <= position < numel - bracket.below - bracket.above:
-        return None
+def _resolve(bracket: _Bracket, inside: Any, numel: int, xp: _ArrayOps) -> dict[int, Rank | None]:
+    """The bracket's ranks from the values gathered inside it (None for a rank that lies outside)."""
     at_low = xp.count(inside == bracket.low)
-    if position < at_low:
-        return Rank(bracket.low, bracket.below, at_low)
-    strict = xp.sort(inside[(inside > bracket.low) & (inside < bracket.high)])
-    if position < at_low + strict.shape[0]:
-        value = strict[position - at_low]
-        first, stop = xp.run(strict, value)
-        return Rank(float(value), bracket.below + at_low + first, stop - first)
-    return Rank(bracket.high, bracket.below + at_low + strict.shape[0], xp.count(inside == bracket.high))
-
-
-def _order_statistics(flat: torch.Tensor, ranks: Sequence[int], chunk_elements: int | None,
-                      gather_limit: int) -> dict[int, float] | None:
-    """``{r: sorted(flat)[r]}`` for each wanted 0-based rank of the 1-D ``flat``; None if it holds a NaN."""
-    selection = Selection(flat.numel(), ranks, chunk_elements, gather_limit)
-    while not selection.done:
-        selection.feed(flat)
-        selection.end_pass()
-    return None if selection.nan else {rank: found.value for rank, found in selection.found.items()}
+    strict = None
+    found: dict[int, Rank | None] = {}
+    for rank in bracket.ranks:
+        position = rank - bracket.below
+        if not 0 <= position < numel - bracket.below - bracket.above:
+            found[rank] = None
+            continue
+        if position < at_low:
+            found[rank] = Rank(bracket.low, bracket.below, at_low)
+            continue
+        if strict is None:
+            strict = xp.sort(inside[(inside > bracket.low) & (inside < bracket.high)])
+        if position < at_low + strict.shape[0]:
+            value = strict[position - at_low]
+            first, stop = xp.run(strict, value)
+            found[rank] = Rank(float(value), bracket.below + at_low + first, stop - first)
+        else:
+            found[rank] = Rank(bracket.high, bracket.below + at_low + strict.shape[0],
+                               xp.count(inside == bracket.high))
+    return found
 
 
 def _narrow(bucket: _Bucket, hist: np.ndarray) -> list[_Bucket]:

@@ -69,6 +69,14 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
+def exact_selection(numel: int, ranks: list[int]) -> Selection | SampledSelection:
+    """The streamed selection of exact order statistics used for per-tensor thresholds over row blocks: from a
+    sample's brackets above ``GATHER_LIMIT`` values (when ``SAMPLE``), else by radix levels."""
+    if SAMPLE and numel > GATHER_LIMIT:
+        return SampledSelection(numel, ranks, gather_limit=GATHER_LIMIT)
+    return Selection(numel, ranks, gather_limit=GATHER_LIMIT)
+
+
 @dataclass
 class _Edge:
     """Entries equal to ``value``, a magnitude at one end of a rank window: ``equal`` of them, ``below`` smaller;
@@ -127,8 +135,7 @@ class RankWindow:
         wanted = [r for r in self._ranks.values() if r is not None]
         self._selection: Selection | SampledSelection | None = None
         if not (self.everything or self.nothing):
-            sampled = SAMPLE and numel > GATHER_LIMIT
-            self._selection = (SampledSelection if sampled else Selection)(numel, wanted, gather_limit=GATHER_LIMIT)
+            self._selection = exact_selection(numel, wanted)
 
     @property
     def done(self) -> bool:
