@@ -108,7 +108,7 @@ def test_linear_without_base_matches_mergekit(deep, tmp_path):
     ({"slices": [{"sources": [{"model": "BASE", "layer_range": [0, 2]}, {"model": "E0", "layer_range": [0, 3]}]}],
       "merge_method": "linear"}, "same length"),
     ({"slices": [{"sources": [{"model": "BASE", "layer_range": [0, 2]}]}],
-      "models": [{"model": "BASE"}]}, "exactly one of 'models' or 'slices'"),
+      "models": [{"model": "BASE"}]}, "gives both 'models' and 'slices'"),
     ({"slices": [{"sources": [{"model": "BASE", "layer_range": [0, 2]}, {"model": "E0", "layer_range": [0, 2]}]}]},
      "cannot merge 2"),
 ])
