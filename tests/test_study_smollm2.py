@@ -28,14 +28,17 @@ def _models(recipe: dict) -> list[str]:
     return [Path(m["model"]).name for m in recipe["models"]]
 
 
-def test_every_protocol_has_a_smollm2_variant_with_unique_labels(settings):
+@pytest.mark.parametrize("full", [False, True])
+def test_every_protocol_has_a_smollm2_variant_with_unique_labels(settings, full):
+    if full:
+        settings = StudySettings(zoo="smollm2", progress=False)
     for name in PROTOCOLS:
         module = protocol_module(name, "smollm2")
         jobs, _ = module.plan(settings)
         labels = [job.label for job in jobs]
         assert len(labels) == len(set(labels)) and jobs
         for job in jobs:
-            assert job.heldout and job.heldout["size"] == "test" and job.heldout["domains"]
+            assert job.heldout and job.heldout["size"] == settings.size() and job.heldout["domains"]
 
 
 def test_long_to_short_merges_reasoning_into_short(settings):
