@@ -80,9 +80,11 @@ def test_in_the_wild_draws_subsets_of_the_seven_fine_tunes(settings):
         assert all(len(s) == int(n) == len(set(s)) and set(s) <= set(smollm2.WILD_POOL) for s in subsets)
 
 
-def _result(ppl: dict[str, float]) -> dict:
-    return {"heldout": {d: {"perplexity": {"perplexity": p}, "continuation": {"repetition_rate": 0.0}}
-                        for d, p in ppl.items()}}
+def _result(ppl: dict[str, float], repetition: float = 0.0) -> dict:
+    return {"heldout": {d: {"perplexity": {"perplexity": p}, "continuation": {"repetition_rate": 1.0},
+                            "continuation_sampled": {"repetition_rate": repetition}} for d, p in ppl.items()},
+            "eval": {"gsm8k": {"greedy": {"accuracy": 0.1, "mean_length": 100.0, "repetition_rate": repetition,
+                                          "distinct_2": 0.5}}}}
 
 
 def test_relative_perplexity_is_the_geometric_mean_of_the_ratios():
@@ -119,3 +121,17 @@ def test_in_the_wild_counts_merges_above_the_base():
     expected = (-math.log(0.8) - math.log(2.0)) / 2
     assert tables[1]["rows"][0][1] == f"50 / {expected:+.2f}"
     assert tables[2]["title"].endswith("code (Table 2)") and tables[2]["rows"][0][1].startswith("0 / ")
+
+
+def test_scf_table_reads_both_repetition_rates_per_pair_domain():
+    context = {"pairs": {"complementary": ["reasoning", "code"]}, "methods": ["SCF-RKL", "TA"]}
+    ppl = dict.fromkeys(smollm2.DOMAINS, 10.0)
+    results = {"base": _result(ppl), "reasoning": _result(ppl), "code": _result(ppl),
+               "complementary:SCF-RKL": _result(ppl, 0.25), "complementary:TA": _result(ppl, 0.75)}
+    (tab,) = smollm2._scf_analyse(context, results)["tables"]
+    header = tab["header"]
+    sampled = header.index("code sampled continuation repetition %")
+    assert header[sampled - 1] == "code greedy continuation repetition %"
+    rows = {row[0]: row for row in tab["rows"]}
+    assert rows["SCF-RKL"][sampled] == 0.25 and rows["TA"][sampled] == 0.75 and rows["TA"][sampled - 1] == 1.0
+    assert rows["TA"][header.index("GSM8K repetition %")] == 0.75

@@ -199,9 +199,11 @@ def test_heldout_domain_figures_on_a_member(family):
     assert list(figures) == ["code", "gsm8k"]
     for domain in figures.values():
         assert domain["perplexity"]["perplexity"] > 1 and domain["perplexity"]["n_tokens"] > 0
-        cont = domain["continuation"]
-        assert cont["n_texts"] == smollm2.SIZES["test"]["ppl_texts"] and 0 < cont["mean_length"] <= 12
-        assert 0 <= cont["repetition_rate"] <= 1 and 0 < cont["distinct_2"] <= 1 and cont["output_entropy"] > 0
+        for kind, temperature in (("continuation", 0.0), ("continuation_sampled", 0.7)):
+            cont = domain[kind]
+            assert cont["n_texts"] == smollm2.SIZES["test"]["ppl_texts"] and 0 < cont["mean_length"] <= 12
+            assert 0 <= cont["repetition_rate"] <= 1 and 0 < cont["distinct_2"] <= 1 and cont["output_entropy"] > 0
+            assert cont["temperature"] == temperature
     record = json.loads((family / "zoo.json").read_text())["members"]["code"]["perplexity"]["heldout_code"]
     assert figures["code"]["perplexity"]["perplexity"] == pytest.approx(record["perplexity"], rel=1e-4)
 

@@ -88,10 +88,10 @@ def seq_rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
 
 
 def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int = 2) -> float:
-    """distinct-n (Li et al. 2016): distinct n-grams / all n-grams, pooled over ``sequences``; NaN when no
-    sequence has ``n`` tokens."""
+    """distinct-n (Li et al. 2016): distinct n-grams / all n-grams, pooled over ``sequences``; 0.0 when no
+    sequence has ``n`` tokens (as ``seq_rep_n``; a NaN would make equal results compare unequal)."""
     grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else math.nan
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:

@@ -118,18 +118,22 @@ def text_perplexity(
 
 
 def continuation_figures(model, tokenizer, texts: Sequence[str], prefix_tokens: int = 64,
-                         max_new_tokens: int = 256, batch_size: int = 4) -> dict[str, float]:
-    """Long greedy continuations of held-out text: the first ``prefix_tokens`` tokens of each text are the
-    prompt (no chat template), ``max_new_tokens`` are generated greedily, and ``generation_figures`` summarises
-    them (the setting where a merge's repetition collapse, SCF-RKL paper Fig. 1, would show)."""
+                         max_new_tokens: int = 256, batch_size: int = 4, temperature: float = 0.0,
+                         seed: int = 0) -> dict[str, float]:
+    """Long continuations of held-out text: the first ``prefix_tokens`` tokens of each text are the prompt (no
+    chat template), ``max_new_tokens`` are generated, greedily (``temperature`` 0) or sampled (seeded), and
+    ``generation_figures`` summarises them (the setting where a merge's repetition collapse, SCF-RKL paper
+    Fig. 1, would show)."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:prefix_tokens] for t in texts]
     prompts = [tokenizer.decode(i) for i in ids]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        temperature=temperature, seed=seed)
     finally:
         tokenizer.padding_side = side
-    return {**generation_figures([g[0] for g in gens]), "n_texts": len(texts), "max_new_tokens": max_new_tokens}
+    return {**generation_figures([g[0] for g in gens]), "n_texts": len(texts), "max_new_tokens": max_new_tokens,
+            "temperature": temperature}
 
 
 def evaluate_loaded(

@@ -8,9 +8,11 @@ the same way, on held-out data only:
 - GSM8K (``mergelab.evaluation.gsm8k``): greedy, chat template, up to 256 new tokens: accuracy, mean length,
   repetition rate, seq-rep-4, distinct-n, output entropy (``runner.stability``); with samples, pass@k and
   self-consistency at temperature 0.3 (long-to-short only);
-- per text domain (``mergelab.evaluation.heldout``): perplexity on held-out chunks and greedy continuations of
-  256 tokens from their first 64 tokens (repetition rate, distinct-2, entropy). The ``gsm8k`` text domain is the
-  held-out questions followed by their reference solutions.
+- per text domain (``mergelab.evaluation.heldout``): perplexity on held-out chunks and continuations of 256
+  tokens from their first 64 tokens, greedy and sampled at temperature 0.7 (repetition rate, distinct-2,
+  entropy; the base already loops in most greedy continuations, so the sampled ones are the ones that can
+  show a merge's repetition collapse). The ``gsm8k`` text domain is the held-out questions followed by their
+  reference solutions.
 
 A model's score on a domain is its held-out perplexity; "relative perplexity" is the geometric mean over
 domains of ``ppl(model) / ppl(base)`` (below 1: better than the base). At 135M parameters GSM8K accuracy is
@@ -130,8 +132,10 @@ def _gsm8k_cells(result: dict[str, Any]) -> list[Any]:
     return [greedy["accuracy"], greedy["mean_length"], greedy["repetition_rate"], greedy["distinct_2"]]
 
 
-def _continuation(result: dict[str, Any], domain: str) -> dict[str, Any]:
-    return result["heldout"][domain]["continuation"]
+def _repetition(result: dict[str, Any], domain: str) -> list[float]:
+    """Repetition rate of the greedy and of the sampled continuations of ``domain``."""
+    figures = result["heldout"][domain]
+    return [figures["continuation"]["repetition_rate"], figures["continuation_sampled"]["repetition_rate"]]
 
 
 # ---------------------------------------------------------------------------------------------- long-to-short
@@ -185,16 +189,18 @@ def _scf_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) ->
             result = results[label]
             ppl = perplexities(result)
             rows.append([label.split(":", 1)[-1], *_gsm8k_cells(result), *[ppl[d] for d in domains],
-                         *[_continuation(result, d)["repetition_rate"] for d in domains],
+                         *[rate for d in domains for rate in _repetition(result, d)],
                          relative_perplexity(result, base, list(DOMAINS)),
                          result.get("merge", {}).get("unchanged_from_base")])
             points[f"{pair}: {rows[-1][0]}"] = [rows[-1][2], rows[-1][1]]
         tables.append(table(
             f"{pair} pair ({first} + {second}): GSM8K and held-out text (Table 1; Tables 3-4 for strong-weak)",
             ["model", "GSM8K acc %", "GSM8K length", "GSM8K repetition %", "GSM8K distinct-2",
-             *[f"{d} ppl" for d in domains], *[f"{d} continuation repetition %" for d in domains],
+             *[f"{d} ppl" for d in domains],
+             *[f"{d} {kind} continuation repetition %" for d in domains for kind in ("greedy", "sampled")],
              "relative ppl (5 domains)", "unchanged from base %"],
-            ["text", "pct", "num", "pct", "num", *["num"] * len(domains), *["pct"] * len(domains), "num", "pct"],
+            ["text", "pct", "num", "pct", "num", *["num"] * len(domains), *["pct"] * (2 * len(domains)), "num",
+             "pct"],
             rows, f"SCF-RKL fuses the pair directly (M0 = {first}); the baselines merge both task vectors into "
                   "the base. Repetition: greedy generations that hit the 256-token limit in a loop "
                   "(metrics.is_repetitive), the quantity of the paper's Figure 1."))
