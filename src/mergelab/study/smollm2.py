@@ -301,7 +301,7 @@ def _wild_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -
     from mergelab.study.in_the_wild import interference_cell, mean_std
 
     base, pool, domains = results["parent:base"], context["pool"], list(DOMAINS)
-    score = {label: -math.log(relative_perplexity(r, base, domains)) for label, r in results.items()}
+    score = {label: 0.0 - math.log(relative_perplexity(r, base, domains)) for label, r in results.items()}  # not -0.0
     experts = {e: score[f"parent:{e}"] for e in pool}
     best = max(experts, key=experts.get)
     ns = list(context["subsets"])
