@@ -198,12 +198,13 @@ def _scf_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) ->
             ["model", "GSM8K acc %", "GSM8K length", "GSM8K repetition %", "GSM8K distinct-2",
              *[f"{d} ppl" for d in domains],
              *[f"{d} {kind} continuation repetition %" for d in domains for kind in ("greedy", "sampled")],
-             "relative ppl (5 domains)", "unchanged from base %"],
+             "relative ppl (5 domains)", "unchanged from the recipe's base %"],
             ["text", "pct", "num", "pct", "num", *["num"] * len(domains), *["pct"] * (2 * len(domains)), "num",
              "pct"],
-            rows, f"SCF-RKL fuses the pair directly (M0 = {first}); the baselines merge both task vectors into "
-                  "the base. Repetition: greedy generations that hit the 256-token limit in a loop "
-                  "(metrics.is_repetitive), the quantity of the paper's Figure 1."))
+            rows, f"SCF-RKL fuses the pair directly (M0 = {first}, the recipe's base); the baselines merge both "
+                  "task vectors into the zoo base. Repetition: generations that hit the token limit in a loop "
+                  "(metrics.is_repetitive), the quantity of the paper's Figure 1: GSM8K answers (greedy, chat) and "
+                  "continuations of held-out text (greedy and sampled at temperature 0.7)."))
     return {"tables": tables, "points": points}
 
 
