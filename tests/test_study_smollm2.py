@@ -39,6 +39,9 @@ def test_every_protocol_has_a_smollm2_variant_with_unique_labels(settings, full)
         assert len(labels) == len(set(labels)) and jobs
         for job in jobs:
             assert job.heldout and job.heldout["size"] == settings.size() and job.heldout["domains"]
+            # karcher and in-the-wild score perplexity only: no generation in their jobs
+            assert job.heldout["continuations"] == (name in ("scf", "long-to-short"))
+            assert bool(job.tasks) == (name in ("scf", "long-to-short"))
 
 
 def test_long_to_short_merges_reasoning_into_short(settings):

@@ -204,6 +204,7 @@ def test_heldout_domain_figures_on_a_member(family):
             assert cont["n_texts"] == smollm2.SIZES["test"]["ppl_texts"] and 0 < cont["mean_length"] <= 12
             assert 0 <= cont["repetition_rate"] <= 1 and 0 < cont["distinct_2"] <= 1 and cont["output_entropy"] > 0
             assert cont["temperature"] == temperature
+    assert list(domain_figures(family / "code", "test", ["legal"], continuations=False)["legal"]) == ["perplexity"]
     record = json.loads((family / "zoo.json").read_text())["members"]["code"]["perplexity"]["heldout_code"]
     assert figures["code"]["perplexity"]["perplexity"] == pytest.approx(record["perplexity"], rel=1e-4)
 

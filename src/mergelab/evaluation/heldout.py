@@ -18,9 +18,11 @@ SAMPLING_TEMPERATURE = 0.7
 
 
 def domain_figures(model_dir: str | Path, size: str, domains: list[str], n_texts: int | None = None,
-                   new_tokens: int = 256, device: str = "cpu") -> dict[str, dict[str, Any]]:
-    """Domain -> {"perplexity", "continuation", "continuation_sampled"} of the model folder ``model_dir``; the texts are
-    those of the smollm2 zoo at ``size`` (the first ``n_texts`` of them when given)."""
+                   new_tokens: int = 256, continuations: bool = True,
+                   device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Domain -> {"perplexity", "continuation", "continuation_sampled"} of the model folder ``model_dir`` (only
+    "perplexity" without ``continuations``); the texts are those of the smollm2 zoo at ``size`` (the first
+    ``n_texts`` of them when given)."""
     from mergelab.evaluation.generate import load_model
     from mergelab.evaluation.runner import continuation_figures, text_perplexity
     from mergelab.zoo.smollm2 import SIZES, heldout_texts
@@ -31,9 +33,9 @@ def domain_figures(model_dir: str | Path, size: str, domains: list[str], n_texts
     for domain in domains:
         texts = heldout_texts(domain, settings)[:n_texts]
         out[domain] = {
-            "perplexity": text_perplexity(model, tokenizer, texts, max_length=settings["ppl_tokens"], batch_size=4),
-            "continuation": continuation_figures(model, tokenizer, texts, max_new_tokens=new_tokens),
-            "continuation_sampled": continuation_figures(model, tokenizer, texts, max_new_tokens=new_tokens,
-                                                         temperature=SAMPLING_TEMPERATURE),
-        }
+            "perplexity": text_perplexity(model, tokenizer, texts, max_length=settings["ppl_tokens"], batch_size=4)}
+        if continuations:
+            out[domain]["continuation"] = continuation_figures(model, tokenizer, texts, max_new_tokens=new_tokens)
+            out[domain]["continuation_sampled"] = continuation_figures(
+                model, tokenizer, texts, max_new_tokens=new_tokens, temperature=SAMPLING_TEMPERATURE)
     return out

@@ -28,11 +28,11 @@ Protocols (each a ``Protocol`` with the attributes ``mergelab.study.protocol`` e
   merge both task vectors against the base with the demo's recipes (``demo.recipes``), SCF-KL beside SCF-RKL.
 - ``karcher`` (Fisher-Rao Karcher, Figure 1 and Tables 3-5): the first m of ``KARCHER_ORDER`` at every m from
   2 to the pool size, the methods of ``karcher.methods()``; score: relative perplexity over the merged
-  experts' domains.
+  experts' domains (perplexity only: no generation in these jobs).
 - ``in-the-wild`` (in-the-wild merging, Tables 1-2, Figure 3): random subsets of the seven fine-tunes
   (``low_quality`` included) of each size n, the methods of ``in_the_wild.METHODS``; a merge is "above the
   base" when its relative perplexity over all five domains is below 1, "above the best expert" when below the
-  best expert's.
+  best expert's (perplexity only).
 """
 
 from __future__ import annotations
@@ -103,11 +103,13 @@ def _family(settings: StudySettings, members: list[str]) -> Path:
 
 
 def measure(settings: StudySettings, domains: tuple[str, ...] = DOMAINS, gsm8k: bool = True,
-            samples: int = 1) -> dict[str, Any]:
-    """The Job fields of the module doc's measurement: GSM8K (when ``gsm8k``) and the held-out ``domains``."""
+            samples: int = 1, continuations: bool = True) -> dict[str, Any]:
+    """The Job fields of the module doc's measurement: GSM8K (when ``gsm8k``) and the held-out ``domains``
+    (perplexity, and the continuations when ``continuations``: karcher and in-the-wild score perplexity only)."""
     size = _size(settings)
     fields: dict[str, Any] = {"heldout": {"size": settings.size(), "domains": list(domains),
-                                          "n_texts": size["texts"], "new_tokens": size["new_tokens"]}}
+                                          "n_texts": size["texts"], "new_tokens": size["new_tokens"],
+                                          "continuations": continuations}}
     if gsm8k:
         options = {"chat": True, "batch_size": 4, "temperature": 0.3, "seed": 0}
         if "gsm8k_new_tokens" in size:
@@ -226,7 +228,7 @@ def _karcher_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
     used = list(KARCHER_ORDER[: max(ms)])
     family = _family(settings, ["base", *used])
     domains = tuple(OWN_DOMAIN[e] for e in used)
-    fields = measure(settings, domains, gsm8k=False)
+    fields = measure(settings, domains, gsm8k=False, continuations=False)
     jobs = [Job(label=f"parent:{name}", model=str(family / name), **fields) for name in ["base", *used]]
     for label, (method, params, with_base) in chosen.items():
         for m in ms:
@@ -288,7 +290,7 @@ def _wild_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
     chosen = [m for m in METHODS if size["wild_methods"] is None or m in size["wild_methods"]]
     pool = list(WILD_POOL)
     family = _family(settings, ["base", *pool])
-    fields = measure(settings, DOMAINS, gsm8k=False)
+    fields = measure(settings, DOMAINS, gsm8k=False, continuations=False)
     jobs = [Job(label=f"parent:{name}", model=str(family / name), **fields) for name in ["base", *pool]]
     subsets = {str(n): sample_subsets(pool, n, size["wild_subsets"], SEED) for n in size["wild_n"]}
     for n, drawn in subsets.items():
