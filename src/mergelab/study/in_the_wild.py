@@ -12,7 +12,7 @@ Its setting (sec. 3.2, 3.3, 4.2) maps onto the zoo as follows.
   (eq. 2 with eq. 12, so the task-vector mean), TIES with top-10 % density and λ = 0.1, Model Stock (eq. 4),
   TSV-M and Iso-C with λ = 1 (eq. 5-10, on the task-vector sum), TA+SB (λ = 1, normalised) and TIES+SB
   (λ = 0.1, density 0.1), both with β = 0.2 (eq. 11). Added for this project: SCF-RKL with its multi-expert rule
-  (``methods/scf.py``, defaults) and the Karcher mean (``methods/geometry.py``, defaults).
+  (``methods/scf.py``, defaults) and the Karcher mean (``methods/karcher.py``, defaults).
 - Benchmarks (sec. 3.3): every tiny-lm skill task of ``mergelab.tasks.TASKS``, greedy exact match; a model's
   score is the unweighted mean accuracy over the tasks, as the paper averages over its 16 benchmarks.
 - Metrics (Tables 1-3): per method and n, the percentage of subsets whose merge scores strictly above the
@@ -47,8 +47,8 @@ from typing import Any
 from mergelab.citations import IN_THE_WILD, cite
 from mergelab.errors import MergelabError
 from mergelab.study.jobs import Job
-from mergelab.study.protocol import StudySettings
 from mergelab.study.report import bar_plot, heatmap, label_axes, line_plot, new_figure, save_figure, scatter_plot, table
+from mergelab.study.settings import StudySettings
 
 TITLE = "In-the-wild merging of the tiny-lm pool"
 PAPER = cite(IN_THE_WILD, "A Systematic Study of In-the-Wild Model Merging for LLMs, Tables 1-3, Figs. 3-6, "

@@ -40,7 +40,9 @@ class Job:
     ``tasks`` are scored by ``mergelab.evaluation.runner.evaluate`` with ``n_items``, ``n_samples`` and
     ``eval_options``; ``vision_tasks`` by ``mergelab.zoo.vision.evaluate`` with the heads in ``heads``;
     ``weights``/``activations`` are keyword arguments of the diagnostics of the same name (they must name
-    ``base`` and ``experts``); ``blocking`` those of ``layer_blocking`` (``base``, ``task``, ...)."""
+    ``base`` and ``experts``); ``blocking`` those of ``layer_blocking`` (``base``, ``task``, ...); ``heldout``
+    those of ``mergelab.evaluation.heldout.domain_figures`` (``size``, ``domains``, ...): per-domain held-out
+    perplexity and long continuations on the smollm2 zoo's text domains."""
 
     label: str
     recipe: dict[str, Any] | None = None
@@ -54,6 +56,7 @@ class Job:
     weights: dict[str, Any] | None = None
     activations: dict[str, Any] | None = None
     blocking: dict[str, Any] | None = None
+    heldout: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.recipe is None) == (self.model is None):
@@ -174,6 +177,10 @@ def _measure(job: Job, model: Path, device: str) -> dict[str, Any]:
 
         result["vision"] = {task: vision.evaluate(model, task, n=job.n_items, heads=job.heads, device=device)
                             for task in job.vision_tasks}
+    if job.heldout:
+        from mergelab.evaluation.heldout import domain_figures
+
+        result["heldout"] = domain_figures(model, device=device, **job.heldout)
     if job.weights:
         from mergelab.diagnostics.weights import weight_diagnostics
 

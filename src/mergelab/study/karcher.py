@@ -45,8 +45,8 @@ from typing import Any
 
 from mergelab.citations import FISHER_RAO, cite
 from mergelab.study.jobs import Job
-from mergelab.study.protocol import StudySettings
 from mergelab.study.report import line_plot, table
+from mergelab.study.settings import StudySettings
 
 TITLE = "Karcher merging against baselines as the number of merged models grows"
 PAPER = cite(FISHER_RAO, "Figure 1, Tables 1 and 3-5, Figure 2 and Table 7")

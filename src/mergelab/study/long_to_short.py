@@ -19,8 +19,8 @@ from typing import Any
 
 from mergelab.citations import FIM_MERGING, cite
 from mergelab.study.jobs import Job
-from mergelab.study.protocol import StudySettings
 from mergelab.study.report import line_plot, scatter_plot, table
+from mergelab.study.settings import StudySettings
 
 TITLE = "Long-to-short merging with FIM-Merging"
 PAPER = cite(FIM_MERGING, "Tables 2-4, Figures 2-3, section 5.5")
@@ -58,12 +58,15 @@ def plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
 
 
 def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    rows_order = [*PARENTS, *context["methods"]]
+    """Tables 2-4 and Figure 2 from the job results; ``context`` may name another ``task``, ``parents``,
+    ``expert`` (the merges' base) and ``note`` (the smollm2 variant, ``mergelab.study.smollm2``)."""
+    task, expert = context.get("task", TASK), context.get("expert", "arith_short")
+    rows_order = [*context.get("parents", PARENTS), *context["methods"]]
     n = context["samples"]
     ks = sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
     main, consistency = [], []
     for label in rows_order:
-        figures = results[label]["eval"][TASK]
+        figures = results[label]["eval"][task]
         greedy, sampled = figures["greedy"], figures.get("sampled", {})
         unchanged = results[label].get("merge", {}).get("unchanged_from_base")
         main.append([label, greedy["accuracy"], greedy["mean_length"], greedy["repetition_rate"], unchanged])
@@ -75,9 +78,9 @@ def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict
                   for i, layer in enumerate(layers)]
     tables = [
         table("Final-answer accuracy and response length (greedy; the paper's Tables 2-3)",
-              ["model", "accuracy %", "mean length (tokens)", "repetition %", "unchanged from arith_short %"],
+              ["model", "accuracy %", "mean length (tokens)", "repetition %", f"unchanged from {expert} %"],
               ["text", "pct", "num", "pct", "pct"], main,
-              "Merges take arith_short as the base and arith_long as the one expert."),
+              context.get("note", "Merges take arith_short as the base and arith_long as the one expert.")),
         table(f"Self-consistency at temperature 0.3 (Table 4): majority vote over the first k of {n} samples",
               ["model", *[f"SC@{k} %" for k in ks]], ["text", *["pct"] * len(ks)], consistency),
     ]

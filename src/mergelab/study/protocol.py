@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from mergelab.errors import MergelabError
 from mergelab.study.executors import EXECUTORS, execute
 from mergelab.study.jobs import job_key
 from mergelab.study.report import table_block
+from mergelab.study.settings import StudySettings
 
 # protocol name -> module
 PROTOCOLS = {
@@ -40,25 +41,22 @@ PROTOCOLS = {
 }
 
 
-@dataclass
-class StudySettings:
-    """What a protocol's plan depends on. ``quick``: the minutes-long variant; ``zoo_size``: the zoo size its
-    members come from (default: ``demo`` when quick, ``full`` otherwise); ``build_zoo``: build missing members
-    instead of stopping with the command that builds them."""
-
-    quick: bool = False
-    zoo_size: str | None = None
-    build_zoo: bool = False
-    device: str = "cpu"
-    progress: bool = True
-
-    def size(self) -> str:
-        return self.zoo_size or ("demo" if self.quick else "full")
 
 
-def protocol_module(name: str):
+ZOOS = ("tiny-lm", "smollm2")
+
+
+def protocol_module(name: str, zoo: str = "tiny-lm"):
+    """The module that plans protocol ``name`` on ``zoo``: ``PROTOCOLS[name]`` for tiny-lm (with vision where
+    the paper has a vision setting), ``mergelab.study.smollm2``'s protocol object for smollm2."""
     if name not in PROTOCOLS:
         raise MergelabError(f"Unknown study protocol {name!r}; valid protocols are: {', '.join(PROTOCOLS)}.")
+    if zoo not in ZOOS:
+        raise MergelabError(f"Unknown study zoo {zoo!r}; use one of: {', '.join(ZOOS)}.")
+    if zoo == "smollm2":
+        from mergelab.study.smollm2 import protocol
+
+        return protocol(name)
     return importlib.import_module(PROTOCOLS[name])
 
 
@@ -66,11 +64,12 @@ def run_study(name: str, out: str | Path, settings: StudySettings, executor: str
               workers: int | None = None, ray_address: str | None = None, store: str | Path | None = None,
               command: str | None = None) -> dict[str, Any]:
     """Run protocol ``name`` into the folder ``out`` and return what ``results.json`` holds."""
-    module = protocol_module(name)
+    module = protocol_module(name, settings.zoo)
     if executor not in EXECUTORS:
         raise MergelabError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
     out = Path(out)
-    command = command or f"mergelab study {name}" + (" --quick" if settings.quick else "")
+    command = command or (f"mergelab study {name}" + (" --quick" if settings.quick else "")
+                          + (f" --zoo {settings.zoo}" if settings.zoo != "tiny-lm" else ""))
     started = time.perf_counter()
     jobs, context = module.plan(settings)
     labels = [job.label for job in jobs]

@@ -47,8 +47,8 @@ from mergelab.citations import SCF_RKL, cite
 from mergelab.study.demo import BATCH
 from mergelab.study.demo import recipes as pair_recipes
 from mergelab.study.jobs import Job
-from mergelab.study.protocol import StudySettings
 from mergelab.study.report import bar_plot, line_plot, table
+from mergelab.study.settings import StudySettings
 
 TITLE = "Sparse complementary fusion with reverse KL (SCF-RKL)"
 PAPER = cite(SCF_RKL, "Tables 1-5 and 10, Figures 1, 3, 4, 6, 7, 9-11")

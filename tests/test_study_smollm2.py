@@ -1,0 +1,140 @@
+"""``mergelab study PROTOCOL --zoo smollm2``: what each protocol plans (which members each merge reads, what is
+measured) and how its analysis turns held-out perplexities into the papers' tables, on hand-made results.
+
+The plans are checked without building the zoo (``zoo.require`` returns a folder name); the end-to-end runs at
+the zoo's ``test`` size are in BENCHMARKS.md (they take minutes of CPU each)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from mergelab import zoo
+from mergelab.study import smollm2
+from mergelab.study.protocol import PROTOCOLS, StudySettings, protocol_module
+
+FOLDER = Path("/zoo/smollm2-test")
+
+
+@pytest.fixture
+def settings(monkeypatch) -> StudySettings:
+    monkeypatch.setattr(zoo, "require", lambda family, size, names, *args: FOLDER)
+    return StudySettings(quick=True, zoo="smollm2", zoo_size="test", progress=False)
+
+
+def _models(recipe: dict) -> list[str]:
+    return [Path(m["model"]).name for m in recipe["models"]]
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_every_protocol_has_a_smollm2_variant_with_unique_labels(settings, full):
+    if full:
+        settings = StudySettings(zoo="smollm2", progress=False)
+    for name in PROTOCOLS:
+        module = protocol_module(name, "smollm2")
+        jobs, _ = module.plan(settings)
+        labels = [job.label for job in jobs]
+        assert len(labels) == len(set(labels)) and jobs
+        for job in jobs:
+            assert job.heldout and job.heldout["size"] == settings.size() and job.heldout["domains"]
+            # karcher and in-the-wild score perplexity only: no generation in their jobs
+            assert job.heldout["continuations"] == (name in ("scf", "long-to-short"))
+            assert bool(job.tasks) == (name in ("scf", "long-to-short"))
+
+
+def test_long_to_short_merges_reasoning_into_short(settings):
+    jobs, context = protocol_module("long-to-short", "smollm2").plan(settings)
+    merges = [job for job in jobs if job.recipe]
+    assert {job.label for job in jobs if job.model} == {"base", "short", "reasoning"}
+    for job in merges:
+        assert Path(job.recipe["base_model"]).name == "short" and _models(job.recipe) == ["reasoning"]
+        assert job.tasks == ["gsm8k"] and job.eval_options["chat"]
+    assert context["task"] == "gsm8k" and context["parents"] == ["base", "short", "reasoning"]
+
+
+def test_scf_fuses_each_pair_directly_and_baselines_go_through_the_base(settings):
+    jobs, context = protocol_module("scf", "smollm2").plan(settings)
+    by_label = {job.label: job for job in jobs}
+    for pair, (first, second) in smollm2.PAIRS.items():
+        scf = by_label[f"{pair}:SCF-RKL"].recipe
+        assert Path(scf["base_model"]).name == first and _models(scf) == [second]
+        ta = by_label[f"{pair}:TA"].recipe
+        assert Path(ta["base_model"]).name == "base" and _models(ta) == [first, second]
+        assert by_label[f"{pair}:SCF-KL"].recipe["merge_method"] == "scf_kl"
+    assert context["methods"][-1] == "SCF-KL"
+
+
+def test_karcher_merges_the_first_m_experts_of_the_fixed_order(settings):
+    jobs, context = protocol_module("karcher", "smollm2").plan(settings)
+    for job in jobs:
+        if job.recipe:
+            m = int(job.label.rsplit("=", 1)[1])
+            assert _models(job.recipe) == list(smollm2.KARCHER_ORDER[:m])
+            assert ("base_model" in job.recipe) != (job.recipe["merge_method"] == "karcher")
+    assert context["order"] == list(smollm2.KARCHER_ORDER[: max(context["ms"])])
+
+
+def test_in_the_wild_draws_subsets_of_the_seven_fine_tunes(settings):
+    jobs, context = protocol_module("in-the-wild", "smollm2").plan(settings)
+    assert context["pool"] == list(smollm2.WILD_POOL) and "low_quality" in context["pool"]
+    for n, subsets in context["subsets"].items():
+        assert all(len(s) == int(n) == len(set(s)) and set(s) <= set(smollm2.WILD_POOL) for s in subsets)
+
+
+def _result(ppl: dict[str, float], repetition: float = 0.0) -> dict:
+    return {"heldout": {d: {"perplexity": {"perplexity": p}, "continuation": {"repetition_rate": 1.0},
+                            "continuation_sampled": {"repetition_rate": repetition}} for d, p in ppl.items()},
+            "eval": {"gsm8k": {"greedy": {"accuracy": 0.1, "mean_length": 100.0, "repetition_rate": repetition,
+                                          "distinct_2": 0.5}}}}
+
+
+def test_relative_perplexity_is_the_geometric_mean_of_the_ratios():
+    base = _result({"code": 10.0, "prose": 20.0})
+    merged = _result({"code": 20.0, "prose": 10.0})
+    assert smollm2.relative_perplexity(merged, base, ["code", "prose"]) == pytest.approx(1.0)
+    assert smollm2.relative_perplexity(merged, base, ["code"]) == pytest.approx(2.0)
+
+
+def test_karcher_analysis_ranks_lower_perplexity_first():
+    order = ["reasoning", "code"]
+    base = {"gsm8k": 4.0, "code": 8.0}
+    results = {"parent:base": _result(base), "parent:reasoning": _result({"gsm8k": 2.0, "code": 8.0}),
+               "parent:code": _result({"gsm8k": 4.0, "code": 4.0}),
+               "Karcher|m=2": _result({"gsm8k": 2.0, "code": 8.0}),  # relative sqrt(0.5 * 1)
+               "TIES|m=2": _result({"gsm8k": 4.0, "code": 16.0})}  # relative sqrt(1 * 2)
+    analysis = smollm2._karcher_analyse({"ms": [2], "order": order, "methods": ["Karcher", "TIES"]}, results)
+    rows = analysis["tables"][0]["rows"]
+    assert rows[0][1] == pytest.approx(math.sqrt(0.5)) and rows[1][1] == pytest.approx(math.sqrt(2.0))
+    assert rows[2][1] == pytest.approx(0.5)  # the best expert on its own domain
+    assert "m=2: Karcher" in analysis["tables"][0]["note"]
+
+
+def test_in_the_wild_counts_merges_above_the_base():
+    domains = smollm2.DOMAINS
+    base = _result(dict.fromkeys(domains, 10.0))
+    results = {"parent:base": base, **{f"parent:{e}": _result(dict.fromkeys(domains, 10.0))
+                                       for e in smollm2.WILD_POOL}}
+    results["parent:code"] = _result(dict.fromkeys(domains, 5.0))  # the best fine-tune: score ln 2
+    results["TA|n=2|s=0"] = _result(dict.fromkeys(domains, 8.0))  # above the base
+    results["TA|n=2|s=1"] = _result(dict.fromkeys(domains, 20.0))  # below it
+    context = {"pool": list(smollm2.WILD_POOL), "methods": ["TA"], "subsets": {"2": [["a", "b"], ["c", "d"]]}}
+    tables = smollm2._wild_analyse(context, results)["tables"]
+    expected = (-math.log(0.8) - math.log(2.0)) / 2
+    assert tables[1]["rows"][0][1] == f"50 / {expected:+.2f}"
+    assert tables[2]["title"].endswith("code (Table 2)") and tables[2]["rows"][0][1].startswith("0 / ")
+
+
+def test_scf_table_reads_both_repetition_rates_per_pair_domain():
+    context = {"pairs": {"complementary": ["reasoning", "code"]}, "methods": ["SCF-RKL", "TA"]}
+    ppl = dict.fromkeys(smollm2.DOMAINS, 10.0)
+    results = {"base": _result(ppl), "reasoning": _result(ppl), "code": _result(ppl),
+               "complementary:SCF-RKL": _result(ppl, 0.25), "complementary:TA": _result(ppl, 0.75)}
+    (tab,) = smollm2._scf_analyse(context, results)["tables"]
+    header = tab["header"]
+    sampled = header.index("code sampled continuation repetition %")
+    assert header[sampled - 1] == "code greedy continuation repetition %"
+    rows = {row[0]: row for row in tab["rows"]}
+    assert rows["SCF-RKL"][sampled] == 0.25 and rows["TA"][sampled] == 0.75 and rows["TA"][sampled - 1] == 1.0
+    assert rows["TA"][header.index("GSM8K repetition %")] == 0.75
