@@ -5,7 +5,7 @@ Docstrings cite by the keys of ``docs/PAPERS.md``; what a user reads names the p
 
 SCF_RKL = "Lin et al. 2026 (SCF-RKL)"
 FISHER_RAO = "Wang, Ye & Yin 2026 (Fisher-Rao merging)"
-IN_THE_WILD = "In-the-wild merging study (anonymous, under review, 2025)"
+IN_THE_WILD = "In-the-wild merging study (anonymous, under double-blind review)"
 FIM_MERGING = "FIM-Merging (anonymous preprint)"
 
 

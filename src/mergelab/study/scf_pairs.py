@@ -1,4 +1,4 @@
-"""``mergelab study scf``: the SCF-RKL paper's experiments on the offline zoo (shared/papers/000).
+"""``mergelab study scf``: the SCF-RKL paper's experiments on the offline zoo ([Lin2026]).
 
 Paper: Lin et al. 2026, "Sparse Complementary Fusion with Reverse KL" (SCF-RKL). Each of the tiny-lm zoo's pairs
 (``tinylm.SCENARIOS``) plays one of the paper's settings, scored on the tasks its two models were trained on:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergelab.citations import FISHER_RAO, IN_THE_WILD, SCF_RKL, cite
 from mergelab.study.jobs import Job
 from mergelab.study.report import line_plot, scatter_plot, table
 from mergelab.study.settings import StudySettings
@@ -356,13 +357,13 @@ class _Protocols(dict):
 
     def __missing__(self, name: str) -> Protocol:
         made = {
-            "scf": lambda: Protocol("SCF-RKL on SmolLM2-135M fine-tunes", "SCF-RKL (shared/papers/000), Tables 1, "
-                                    "3-4, Figure 1", _scf_plan, _scf_analyse, _scf_figures),
+            "scf": lambda: Protocol("SCF-RKL on SmolLM2-135M fine-tunes", cite(SCF_RKL, "Tables 1, 3-4, Figure 1"),
+                                    _scf_plan, _scf_analyse, _scf_figures),
             "karcher": lambda: Protocol("Karcher merging against baselines as m grows (SmolLM2-135M)",
-                                        "Fisher-Rao Karcher merging (shared/papers/002), Figure 1, Tables 1 and 3-5",
+                                        cite(FISHER_RAO, "Figure 1, Tables 1 and 3-5"),
                                         _karcher_plan, _karcher_analyse, _karcher_figures),
             "in-the-wild": lambda: Protocol("In-the-wild merging of SmolLM2-135M fine-tunes",
-                                            "In-the-wild merging (shared/papers/003), Tables 1-3, Figure 3",
+                                            cite(IN_THE_WILD, "Tables 1-3, Figure 3"),
                                             _wild_plan, _wild_analyse, _wild_figures),
             "long-to-short": _long_to_short,
         }[name]()
