@@ -106,7 +106,7 @@ def scf_rkl_op(base: torch.Tensor, expert: torch.Tensor) -> dict:
 
 def scf_breakdown(base: torch.Tensor, expert: torch.Tensor) -> dict:
     """Seconds of each step of the SCF-RKL op, run one after the other."""
-    from mergelab.methods.scf import Thresholding, passes
+    from mergelab.methods.scf_saliency import Thresholding, passes
     from mergelab.ops.divergence import softmax_kl_rows
     from mergelab.ops.quantile import quantiles
 

@@ -15,13 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tinymodels import load_folder, make_family
 
-import mergelab.ops.sparsify as sparsify
+import mergelab.ops.rank_window as rank_window
 from mergelab.api import merge
 from mergelab.errors import CheckpointError, RecipeError
 from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodCall, TensorInfo
-from mergelab.ops.quantile import Selection
-from mergelab.ops.sparsify import L1Norm, RankWindow, magnitude_window, outlier_window
+from mergelab.ops.l1_norm import L1Norm
+from mergelab.ops.radix_selection import Selection
+from mergelab.ops.rank_window import RankWindow
+from mergelab.ops.sparsify import magnitude_window, outlier_window
 from mergelab.stream.options import MergeOptions
 from mergelab.stream.schedule import execution
 
@@ -77,8 +79,8 @@ SELECTIONS = [(1 << 22, False), (1, False), (1, True)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gather_limit, sample", SELECTIONS)
 def test_blocks_give_the_same_bits_as_the_whole_tensor(method, dtype, gather_limit, sample, monkeypatch):
-    monkeypatch.setattr(sparsify, "GATHER_LIMIT", gather_limit)
-    monkeypatch.setattr(sparsify, "SAMPLE", sample)
+    monkeypatch.setattr(rank_window, "GATHER_LIMIT", gather_limit)
+    monkeypatch.setattr(rank_window, "SAMPLE", sample)
     spec = METHODS[method]
     for seed in (0, 1, 2):
         base, experts = tied_tensors(seed, dtype)
@@ -121,8 +123,8 @@ def windowed(window: RankWindow, magnitudes: torch.Tensor, block: int) -> np.nda
 
 @pytest.mark.parametrize("gather_limit, sample", [*SELECTIONS, (4, False), (4, True)])
 def test_rank_windows_match_a_stable_sort(gather_limit, sample, monkeypatch):
-    monkeypatch.setattr(sparsify, "GATHER_LIMIT", gather_limit)
-    monkeypatch.setattr(sparsify, "SAMPLE", sample)
+    monkeypatch.setattr(rank_window, "GATHER_LIMIT", gather_limit)
+    monkeypatch.setattr(rank_window, "SAMPLE", sample)
     rng = np.random.default_rng(5)
     for trial in range(40):
         n = int(rng.integers(1, 60))

@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mergelab.ops.quantile import INTERPOLATIONS, SampledSelection, Selection, StreamedQuantiles, quantiles
+from mergelab.ops.quantile import INTERPOLATIONS, StreamedQuantiles, quantiles
+from mergelab.ops.radix_selection import Selection
+from mergelab.ops.sampled_selection import SampledSelection
 
 QS = [0.0, 0.01, 0.25, 0.3, 0.5, 0.62, 0.75, 0.9, 0.97, 1.0]
 DISCRETE = ("lower", "higher", "nearest")

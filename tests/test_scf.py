@@ -13,7 +13,8 @@ from tinymodels import load_folder, make_family
 import mergelab.stream.pipeline as pipeline
 from mergelab.api import merge
 from mergelab.errors import CheckpointError, CompatibilityError, RecipeError
-from mergelab.methods.scf import MULTI_EXPERT_RULES, SPECS, passes, saliency
+from mergelab.methods.scf import MULTI_EXPERT_RULES, SPECS
+from mergelab.methods.scf_saliency import passes, saliency
 from mergelab.methods.spec import MethodCall, MethodSpec, TensorInfo
 from mergelab.ops.divergence import softmax_kl_rows
 from mergelab.ops.select import bit_mask, keep_, select
@@ -312,10 +313,10 @@ def assert_same(streamed, whole):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_blocks_give_the_same_bits_as_the_whole_tensor(method, reverse, quantile_method, gather_limit, sample,
                                                        dtype, monkeypatch):
-    import mergelab.ops.sparsify as sparsify
+    import mergelab.ops.rank_window as rank_window
 
-    monkeypatch.setattr(sparsify, "GATHER_LIMIT", gather_limit)
-    monkeypatch.setattr(sparsify, "SAMPLE", sample)
+    monkeypatch.setattr(rank_window, "GATHER_LIMIT", gather_limit)
+    monkeypatch.setattr(rank_window, "SAMPLE", sample)
     spec = SPEC[method]
     extra = {} if spec.fixed else {"quantile_method": quantile_method}
     for shape in ((64, 48), (3, 8, 20), (96,)):

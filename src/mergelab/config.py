@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from mergelab.checkpoint.dtypes import DTYPE_ALIASES, FLOAT_DTYPES
 from mergelab.errors import RecipeError, closest
+from mergelab.yaml_files import read_yaml
 
 log = logging.getLogger("mergelab")
 
@@ -228,17 +229,6 @@ def parse_recipe(data: Any, source: str = "recipe", compat: str | None = None) -
         raise _explain(error, source) from None
 
 
-def read_yaml(path: Path, what: str = "recipe file") -> Any:
-    """The parsed content of a YAML file; a missing file or bad syntax raises ``RecipeError``."""
-    if not path.is_file():
-        raise RecipeError(f"{what} {path} does not exist; check the path")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}{_yaml_position(error)} is not valid YAML ({_yaml_problem(error)}); fix the "
-                          "syntax there") from None
-
-
 def load_recipe(path: str | Path, compat: str | None = None) -> Recipe:
     """Read and validate a YAML recipe file (``compat``: as ``--compat`` gives it)."""
     path = Path(path)
@@ -247,23 +237,6 @@ def load_recipe(path: str | Path, compat: str | None = None) -> Recipe:
     if template and "{" not in template and (path.parent / template).is_file():  # a file beside the recipe
         recipe.chat_template = str((path.parent / template).resolve())
     return recipe
-
-
-def _yaml_position(error: yaml.YAMLError) -> str:
-    """':LINE:COLUMN' (1-based, as editors count) where the YAML parser stopped, when it says."""
-    mark = getattr(error, "problem_mark", None)
-    return "" if mark is None else f":{mark.line + 1}:{mark.column + 1}"
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """What the YAML parser found wrong, with the construct it was reading ("while parsing a flow sequence")."""
-    problem = getattr(error, "problem", None)
-    if problem is None:
-        return str(error).splitlines()[0]
-    context, opened = getattr(error, "context", None), getattr(error, "context_mark", None)
-    if not context:
-        return problem
-    return f"{problem}, {context}" + (f" opened at line {opened.line + 1}" if opened is not None else "")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -4,13 +4,13 @@ For the merged model and each parent, from forward hooks on the decoder layers (
 each layer, padding excluded):
 
 * activation variance per layer: the mean over features of the per-feature variance across probe tokens;
-* effective rank of the activation covariance (Roy and Vetterli 2007, as in paper 002, Fig. 2):
+* effective rank of the activation covariance (Roy and Vetterli 2007, as in [Wang2026] Fig. 2):
   ``exp(-sum p_i log p_i)`` with ``p_i = lambda_i / sum lambda`` its eigenvalues;
 * numerical rank: eigenvalues above ``rtol * lambda_max``, ``rtol = max(tokens, features) * eps(float32)``
   by default (numpy's matrix_rank rule on the centred activations, in the dtype the model ran in);
 * next-token entropy of each model, and KL between the merged and each parent's next-token distribution
-  in both directions (paper 000, Theorem 3.1 bounds ``KL(base || merged)``);
-* the NL score per layer (paper 004, eq. 19): with ``delta^l`` a task vector restricted to layer l and
+  in both directions ([Lin2026] Theorem 3.1 bounds ``KL(base || merged)``);
+* the NL score per layer ([FIMMerging] eq. 19): with ``delta^l`` a task vector restricted to layer l and
   ``alpha = 0.5``, ``||f(theta0 + alpha delta^l) - [f(theta0) + alpha (f(theta0 + delta^l) - f(theta0))]||_2
   / ||f(theta0 + delta^l) - f(theta0)||_2`` with f the output logits of one probe sequence, averaged over
   the probes; computed for each expert's task vector and for the merge's own update.
@@ -75,7 +75,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def random_probes(vocab_size: int, n_probes: int, length: int, seed: int) -> torch.Tensor:
-    """Seeded uniform random token ids, ``n_probes x length`` (the data-free probes of paper 004)."""
+    """Seeded uniform random token ids, ``n_probes x length`` (the data-free probes of [FIMMerging] sec. 3.2, eq. 7)."""
     return torch.randint(0, vocab_size, (n_probes, length), generator=torch.Generator().manual_seed(seed))
 
 
@@ -133,7 +133,7 @@ def nl_scores(
     layers: Sequence[int],
     alpha: float = 0.5,
 ) -> dict[str, float]:
-    """NL score (paper 004, eq. 19) per layer of a task vector on the base; ``layer_deltas(l)`` gives the task
+    """NL score ([FIMMerging] eq. 19) per layer of a task vector on the base; ``layer_deltas(l)`` gives the task
     vector's tensors of layer ``l`` (name -> tensor), so only one layer's delta is held at a time."""
     params = dict(base_model.named_parameters())
     f0, _ = run_probes(base_model, input_ids, attention_mask)

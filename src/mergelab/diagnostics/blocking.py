@@ -1,4 +1,4 @@
-"""Layer blocking (paper 000, Appendix A.4, Fig. 11): restore one layer of the merge to the base at a time
+"""Layer blocking ([Lin2026] Appendix A.4, Fig. 11): restore one layer of the merge to the base at a time
 and report the change of a task score relative to the unmodified merge (negative: the merged layer helped)."""
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Per layer (``"other"`` gathers embeddings, final norm and head) and in total:
 
 * task-vector norms ``||E_i - B||_F`` of every expert and of the merge's own update ``M - B``;
 * pairwise cosine of those task vectors, globally and per layer, and per pair the count of layers whose
-  cosine is positive, negative or zero within ``sign_tol`` (paper 003, Appendix D, Figs. 19-26);
-* parameter provenance (paper 000, Fig. 7): the fraction of elements of M exactly equal to the base, else to
+  cosine is positive, negative or zero within ``sign_tol`` ([InTheWild] Appendix D, Figs. 19-26);
+* parameter provenance ([Lin2026] Fig. 7): the fraction of elements of M exactly equal to the base, else to
   expert 1, else to expert 2, ..., else to neither (the first match wins, so an element where an expert
   left the base unchanged counts as base). Compared in M's own dtype, the parents rounded to it: a bfloat16
   merge of float32 parents can never equal them bit for bit, so a float64 comparison would call nearly
@@ -13,9 +13,9 @@ Per layer (``"other"`` gathers embeddings, final norm and head) and in total:
 * update sparsity: the fraction of elements of M (and of each expert) equal to the base, M's again against the
   base rounded to M's dtype (as is M's own task vector ``M - B``, so the base's rounding is not an update);
 * for every 2-D matrix inside the layer stack: principal angles between the top-k left singular subspaces of
-  M and of each parent (paper 000, Figs. 3 and 6; ``cos theta_i`` are the singular values of
+  M and of each parent ([Lin2026] Figs. 3 and 6; ``cos theta_i`` are the singular values of
   ``U_M[:, :k]^T U_P[:, :k]``), and the normalised spectral shift
-  ``NSS = ||sigma(M) - sigma(P)||_2 / ||sigma(P)||_2`` (paper 000, Corollary A.1) against each parent;
+  ``NSS = ||sigma(M) - sigma(P)||_2 / ||sigma(P)||_2`` ([Lin2026] Corollary A.1) against each parent;
 * the full singular spectra (and principal-angle curves) of the matrices of chosen layers (Fig. 5).
 
 Only one tensor of each model is in memory at a time; sums are accumulated in float64.
@@ -81,7 +81,7 @@ def principal_angles(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
 
 
 def normalised_spectral_shift(sigma: torch.Tensor, sigma_parent: torch.Tensor) -> float:
-    """NSS = ||sigma(W_f) - sigma(W_p)||_2 / ||sigma(W_p)||_2 (paper 000, Corollary A.1)."""
+    """NSS = ||sigma(W_f) - sigma(W_p)||_2 / ||sigma(W_p)||_2 ([Lin2026] Corollary A.1)."""
     return float(torch.linalg.vector_norm(sigma - sigma_parent) / torch.linalg.vector_norm(sigma_parent))
 
 

@@ -57,7 +57,7 @@ def is_repetitive(
     ngram: int = REPETITION_NGRAM,
     coverage: float = REPETITION_COVERAGE,
 ) -> bool:
-    """Whether a generation fell into a degenerate loop (the repetition rate of SCF-RKL, paper 000, Fig. 1).
+    """Whether a generation fell into a degenerate loop (the repetition rate of SCF-RKL, [Lin2026] Fig. 1).
 
     Definition: the generation hit the token limit without ending (``hit_limit``), and its tail (the last
     ``tail`` tokens, or all of it if shorter) either

@@ -26,15 +26,9 @@ import torch
 from mergelab.errors import RecipeError
 from mergelab.methods.spec import MethodCall, MethodSpec, Param, TensorInfo, TwoPass, weight_param
 from mergelab.ops.consensus import disjoint_sum, elect_sign
-from mergelab.ops.sparsify import (
-    L1Norm,
-    RankWindow,
-    bernoulli_mask,
-    l1_scale,
-    magnitude_window,
-    magprune_keep_prob,
-    outlier_window,
-)
+from mergelab.ops.l1_norm import L1Norm, l1_scale
+from mergelab.ops.rank_window import RankWindow
+from mergelab.ops.sparsify import bernoulli_mask, magnitude_window, magprune_keep_prob, outlier_window
 
 LAMBDA = Param("lambda", float, default=1.0, help="global scale of the merged update (λ, eq. 2)")
 INT8_MASK = Param("int8_mask", bool, default=False, help="accepted for mergekit recipes; masks are boolean here")

@@ -23,8 +23,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergelab.config import known_dtype, read_yaml
+from mergelab.config import known_dtype
 from mergelab.errors import RecipeError, closest
+from mergelab.yaml_files import read_yaml
 
 
 class Strict(BaseModel):

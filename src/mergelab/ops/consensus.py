@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.ops.sparsify import array_ops
+from mergelab.ops.mask_ops import mask_ops
 
 
 def elect_sign(deltas: Sequence[torch.Tensor], method: str = "sum",
@@ -53,7 +53,7 @@ def disjoint_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], elect
         total.add_(agree.mul_(delta), alpha=weight)
     if divisor is None:
         return total
-    xp = array_ops(divisor)
+    xp = mask_ops(divisor)
     counts = xp.view(divisor)
     xp.add_(counts, counts == 0)  # a divisor of 0 becomes 1, exactly
     return total.div_(divisor)
