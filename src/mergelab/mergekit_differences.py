@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from mergelab.config import Recipe
 from mergelab.mergekit_compat import MERGEKIT_PARAMS
+from mergelab.mergekit_task_vectors import ELECTING
 
-ELECTING = ("ties", "dare_ties", "della", "breadcrumbs_ties", "sce")
 RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")
 
 
@@ -34,7 +34,7 @@ def differences(recipe: Recipe) -> list[str]:
     if recipe.dtype in ("bfloat16", "float16") and method != "passthrough":
         lines.append(f"dtype {recipe.dtype}: mergekit computes in {recipe.dtype}, mergelab in float32, so elements "
                      "differ by one or more steps of the output dtype (--compat mergekit computes as mergekit)")
-    if method in ELECTING and len({str(w) for w in _weights(recipe)}) > 1 and method != "sce":
+    if method in ELECTING and len({str(w) for w in _weights(recipe)}) > 1:
         lines.append("unequal weights: mergekit elects signs on weighted task vectors, mergelab on raw ones (TIES "
                      "paper); set vote: weighted or use --compat mergekit")
     if method == "karcher" and recipe.base_model:

@@ -151,7 +151,7 @@ def _check_delta(base: ModelReader, name: str, delta: LoraDelta, adapter: Path) 
                                  "fan_in_fan_out layers), with one magnitude per output row")
 
 
-def split_reference(ref: str, recipe_dir: Path | None) -> tuple[str | None, str]:
+def split_base_adapter(ref: str, recipe_dir: Path | None) -> tuple[str | None, str]:
     """``(base, adapter)`` for ``BASE+ADAPTER`` (mergekit's syntax), ``(None, ref)`` otherwise; a reference
     that exists as written is never split (a folder name may hold a '+')."""
     if "+" not in ref or locate_model_ref(ref, recipe_dir) is not None:
@@ -163,7 +163,7 @@ def split_reference(ref: str, recipe_dir: Path | None) -> tuple[str | None, str]
 def open_input(ref: str, recipe_dir: Path | None, allow_pickle: bool = False) -> ModelReader:
     """A recipe's model reference opened for reading: a model folder, an adapter folder (its base from
     ``base_model_name_or_path``, resolved like recipe paths), or ``BASE+ADAPTER``."""
-    base_ref, adapter_ref = split_reference(ref, recipe_dir)
+    base_ref, adapter_ref = split_base_adapter(ref, recipe_dir)
     path = resolve_model_ref(adapter_ref, recipe_dir, adapters=True)
     if base_ref is None and not (path.is_dir() and is_adapter_folder(path)):
         return open_model(path, allow_pickle=allow_pickle)

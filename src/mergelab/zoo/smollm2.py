@@ -62,9 +62,8 @@ LICENCES = {
     "Debian copyright files (legal)": "each package's DFSG-free licence (the files are licence statements)",
 }
 
-# test: plumbing (two steps on short sequences, two scored items). full: meant to train and score each member in
-# under 20 minutes of one quiet core; measured under load (docs/ZOO.md): `short` about 4 min of CPU, `reasoning`
-# at least 7, peak RSS 5.0 and 7.9 GB; the other members were not timed.
+# test: plumbing (two steps on short sequences, two scored items). full: each member trains and is scored in under
+# 20 minutes of one quiet core (measured, docs/ZOO.md: 256-532 s per member, peak RSS 7.9 GB).
 TEXT_DOMAINS = ("code", "prose", "manpages", "legal")
 SIZES: dict[str, dict[str, Any]] = {
     "test": dict(
