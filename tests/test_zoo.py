@@ -131,6 +131,17 @@ def test_changed_recipe_rebuilds_that_member_and_its_children_only(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_text() == "a 2"
 
 
+def test_a_docstring_or_comment_edit_keeps_the_members_but_a_code_edit_rebuilds(tmp_path):
+    module = tmp_path / "family.py"
+    plan = FamilyPlan("fake", "test", {}, [], {}, {}, (module,))
+    module.write_text('"""Doc."""\n\ndef steps():\n    """Steps."""\n    return 48  # per member\n')
+    built = builder.code_version(plan)
+    module.write_text('"""Other doc."""\n\n\ndef steps():\n    """Other."""\n    # measured\n    return 48\n')
+    assert builder.code_version(plan) == built
+    module.write_text('"""Doc."""\n\ndef steps():\n    """Steps."""\n    return 49  # per member\n')
+    assert builder.code_version(plan) != built
+
+
 def test_killed_member_leaves_nothing_and_keeps_finished_members(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         builder.build_plan(_fake_plan({"a": 1, "b": 1, "c": 1}, fail="b"), tmp_path, "cpu", progress=False)

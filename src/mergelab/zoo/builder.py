@@ -8,6 +8,7 @@ failed build leaves finished members (reused by the next call) and never a half-
 
 from __future__ import annotations
 
+import ast
 import errno
 import hashlib
 import json
@@ -58,12 +59,28 @@ def default_root() -> Path:
 
 
 def code_version(plan: FamilyPlan) -> str:
-    """Hash of the source that makes members (builder, tasks, the family's modules); a change rebuilds."""
+    """Hash of the code that makes members (builder, tasks, the family's modules); a change rebuilds.
+
+    The hash is over each module's syntax tree without its docstrings, so editing a comment or a docstring
+    does not throw away a family that took twenty minutes to build; any change to code does."""
     here = Path(__file__).parent
     digest = hashlib.sha256(mergelab.__version__.encode())
     for file in [here / "builder.py", here.parent / "tasks.py", *plan.sources]:
-        digest.update(file.name.encode() + file.read_bytes())
+        digest.update(file.name.encode() + code_without_docs(file.read_text()).encode())
     return digest.hexdigest()[:16]
+
+
+def code_without_docs(source: str) -> str:
+    """``ast.dump`` of ``source`` with every module, class and function docstring removed (comments are
+    never in the tree)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def _key(*parts: Any) -> str:
