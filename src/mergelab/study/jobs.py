@@ -98,11 +98,14 @@ def model_identity(folder: str | Path) -> str:
 
 @functools.cache
 def code_version() -> str:
-    """Hash of mergelab's source: results computed by other code are not reused."""
+    """Hash of mergelab's source, docstrings and comments aside (the zoo's rule, ``code_without_docs``):
+    results computed by other code are not reused, and a documentation edit keeps a study's finished jobs."""
+    from mergelab.zoo.builder import code_without_docs
+
     digest = hashlib.sha256(mergelab.__version__.encode())
     package = Path(mergelab.__file__).parent
     for file in sorted(package.rglob("*.py")):
-        digest.update(str(file.relative_to(package)).encode() + file.read_bytes())
+        digest.update(str(file.relative_to(package)).encode() + code_without_docs(file.read_text()).encode())
     return digest.hexdigest()[:16]
 
 
