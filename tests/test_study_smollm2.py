@@ -76,6 +76,20 @@ def test_karcher_merges_the_first_m_experts_of_the_fixed_order(settings):
     assert context["order"] == list(smollm2.KARCHER_ORDER[: max(context["ms"])])
 
 
+def test_karcher_diagnoses_activations_of_figure_2s_methods_at_the_largest_m_only(settings):
+    from mergelab.zoo.smollm2 import SIZES, heldout_texts
+
+    jobs, context = protocol_module("karcher", "smollm2").plan(settings)
+    top = max(context["ms"])
+    diagnosed = {job.label for job in jobs if job.activations}
+    assert diagnosed == {f"{label}|m={top}" for label in ("Karcher", "TIES")}  # test size: Lerp is not planned
+    probes = next(job.activations for job in jobs if job.activations)
+    order = context["order"]
+    assert probes["experts"] == [str(FOLDER / e) for e in order] and probes["base"] == str(FOLDER / "base")
+    domains = [smollm2.OWN_DOMAIN[e] for e in order]
+    assert probes["prompts"] == [t for d in domains for t in heldout_texts(d, SIZES["test"])[:4]]
+
+
 def test_in_the_wild_draws_subsets_of_the_seven_fine_tunes(settings):
     jobs, context = protocol_module("in-the-wild", "smollm2").plan(settings)
     assert context["pool"] == list(smollm2.WILD_POOL) and "low_quality" in context["pool"]

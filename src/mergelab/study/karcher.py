@@ -253,7 +253,10 @@ def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict
                             rows, note))
         tables.append(_per_task_table(family, fam, context["methods"], scores, parents))
         curves[family] = {"ms": ms, "series": {**series, **references}}
-    layers = _diagnostics(context["families"]["tiny-lm"], context["diagnosed"], results)
+    m = max(context["families"]["tiny-lm"]["ms"])
+    layers = layer_diagnostics({label: results[merge_label("tiny-lm", label, m)]["activations"]
+                                for label in context["diagnosed"]},
+                               m, f"tiny-lm, m = {m}, test prompts of the merged experts' tasks")
     tables += layers.pop("tables")
     return {"tables": tables, "notes": notes, "curves": curves, "layers": layers}
 
@@ -278,10 +281,11 @@ def _per_task_table(family: str, fam: dict[str, Any], labels: Sequence[str], sco
                  "of experts not in that merge. avg: over the merged experts' tasks (parents: over all shown).")
 
 
-def _diagnostics(fam: dict[str, Any], labels: Sequence[str], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Figure 2 / table 7: per-layer activation statistics and the KL to the experts at the largest m."""
-    m = max(fam["ms"])
-    found = {label: results[merge_label("tiny-lm", label, m)]["activations"] for label in labels}
+def layer_diagnostics(found: dict[str, dict[str, Any]], m: int, where: str) -> dict[str, Any]:
+    """Figure 2 / table 7: per-layer activation statistics and the KL to the experts of the merges at the
+    largest m; ``found``: method label -> its job's ``activations`` result; ``where``: the family, m and probes,
+    for the titles."""
+    labels = list(found)
     first = next(iter(found.values()))["models"]
     experts = [k for k in first if k not in ("merged", "base")]
     stats = ("variance", "effective_rank", "numerical_rank")
@@ -297,7 +301,7 @@ def _diagnostics(fam: dict[str, Any], labels: Sequence[str], results: dict[str, 
                 found[label]["models"]["base"]["kl_parent_to_merged"],
                 found[label]["models"]["merged"]["next_token_entropy"]] for label in labels]
     probes = next(iter(found.values()))["probes"]
-    where = f"tiny-lm, m = {m}, {probes['n']} test prompts of the merged experts' tasks ({probes['tokens']} tokens)"
+    where = f"{where} ({probes['n']} probes, {probes['tokens']} tokens)"
     return {
         "tables": [
             table(f"Activation variance, effective rank and numerical rank of each decoder layer's output "
@@ -312,6 +316,7 @@ def _diagnostics(fam: dict[str, Any], labels: Sequence[str], results: dict[str, 
                   "predictions (the objective the Karcher mean targets, eqs. 2-3)."),
         ],
         "m": m,
+        "where": where,
         "x": layers,
         "series": {s: {label: values[s] for label, values in per_layer.items()} for s in stats},
     }
@@ -324,10 +329,15 @@ def figures(out: Path, analysis: dict[str, Any], command: str) -> list[tuple[str
         line_plot(out / name, f"{family}: mean accuracy against the number of merged models (Figure 1)",
                   curve["ms"], curve["series"], "number of merged models m", "mean accuracy (%)", command)
         made.append((name, f"{family}: mean accuracy against m"))
-    layers = analysis["layers"]
+    return made + layer_figures(out, analysis["layers"], command)
+
+
+def layer_figures(out: Path, layers: dict[str, Any], command: str) -> list[tuple[str, str]]:
+    """Figure 2: activation variance and effective rank per layer (``layer_diagnostics``'s series)."""
+    made = []
     for stat, title in (("variance", "activation variance"), ("effective_rank", "effective rank")):
         name = f"figure2_{stat}.png"
-        line_plot(out / name, f"{title} per layer, tiny-lm m = {layers['m']} (Figure 2)", layers["x"],
+        line_plot(out / name, f"{title} per layer at m = {layers['m']} (Figure 2)", layers["x"],
                   layers["series"][stat], "decoder layer", title, command, percent=False)
         made.append((name, f"{title} per layer at m = {layers['m']}"))
     return made

@@ -56,6 +56,7 @@ KARCHER_ORDER = ("reasoning", "code", "prose", "manpages", "legal")
 WILD_POOL = ("reasoning", "short", "low_quality", "code", "prose", "manpages", "legal")
 PAIRS = {"complementary": ("reasoning", "code"), "strong_weak": ("reasoning", "low_quality")}
 SEED = 0
+PROBES_PER_DOMAIN, PROBE_TOKENS = 4, 128  # karcher's activation probes: held-out texts of each merged domain
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"gsm8k_items": 10, "samples": 1, "texts": 2, "new_tokens": 256,
               "karcher_ms": (2, 3), "karcher_methods": ("Karcher", "Lerp", "TIES"),
@@ -221,7 +222,9 @@ def _scf_figures(out: Path, analysis: dict[str, Any], command: str) -> list[tupl
 
 
 def _karcher_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
-    from mergelab.study.karcher import methods
+    from mergelab.study.karcher import DIAGNOSED, methods
+    from mergelab.zoo.smollm2 import SIZES as ZOO_SIZES
+    from mergelab.zoo.smollm2 import heldout_texts
 
     size = _size(settings)
     chosen = {k: v for k, v in methods().items() if size["karcher_methods"] is None or k in size["karcher_methods"]}
@@ -231,18 +234,24 @@ def _karcher_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
     domains = tuple(OWN_DOMAIN[e] for e in used)
     fields = measure(settings, domains, gsm8k=False, continuations=False)
     jobs = [Job(label=f"parent:{name}", model=str(family / name), **fields) for name in ["base", *used]]
+    probes = [text for d in domains for text in heldout_texts(d, ZOO_SIZES[settings.size()])[:PROBES_PER_DOMAIN]]
+    diagnostics = {"base": str(family / "base"), "experts": [str(family / e) for e in used], "prompts": probes,
+                   "probe_length": PROBE_TOKENS, "nl_layers": []}
     for label, (method, params, with_base) in chosen.items():
         for m in ms:
             recipe: dict[str, Any] = {"merge_method": method, "parameters": params, "seed": SEED,
                                       "models": [{"model": str(family / e)} for e in KARCHER_ORDER[:m]]}
             if with_base:
                 recipe["base_model"] = str(family / "base")
-            jobs.append(Job(label=f"{label}|m={m}", recipe=recipe, **fields))
-    return jobs, {"family": str(family), "order": used, "ms": ms, "methods": list(chosen)}
+            diagnosed = m == max(ms) and label in DIAGNOSED
+            jobs.append(Job(label=f"{label}|m={m}", recipe=recipe, activations=diagnostics if diagnosed else None,
+                            **fields))
+    return jobs, {"family": str(family), "order": used, "ms": ms, "methods": list(chosen),
+                  "diagnosed": [label for label in DIAGNOSED if label in chosen]}
 
 
 def _karcher_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from mergelab.study.karcher import best_methods, ranks
+    from mergelab.study.karcher import best_methods, layer_diagnostics, ranks
 
     ms, order = context["ms"], context["order"]
     base = results["parent:base"]
@@ -271,14 +280,24 @@ def _karcher_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]
         table(f"Held-out perplexity per domain at m = {max(ms)} (Table 1)",
               ["model", *[OWN_DOMAIN[e] for e in order]], ["text", *["num"] * len(order)], per_domain),
     ]
-    return {"tables": tables, "curves": {"ms": ms, "series": {**series, "best expert (reference)": best_expert}}}
+    analysis = {"tables": tables, "curves": {"ms": ms, "series": {**series, "best expert (reference)": best_expert}}}
+    if context.get("diagnosed"):  # Figure 2 / Table 7: activation statistics of Karcher, Lerp and TIES at the largest m
+        m = max(ms)
+        layers = layer_diagnostics({label: results[f"{label}|m={m}"]["activations"] for label in context["diagnosed"]},
+                                   m, f"smollm2, m = {m}, held-out texts of the merged experts' domains")
+        tables += layers.pop("tables")
+        analysis["layers"] = layers
+    return analysis
 
 
 def _karcher_figures(out: Path, analysis: dict[str, Any], command: str) -> list[tuple[str, str]]:
+    from mergelab.study.karcher import layer_figures
+
     curve = analysis["curves"]
     line_plot(out / "figure1_smollm2.png", "smollm2: relative perplexity against m (Figure 1)", curve["ms"],
               curve["series"], "number of merged models m", "perplexity / base perplexity", command, percent=False)
-    return [("figure1_smollm2.png", "relative perplexity against m")]
+    made = [("figure1_smollm2.png", "relative perplexity against m")]
+    return made + (layer_figures(out, analysis["layers"], command) if "layers" in analysis else [])
 
 
 # ---------------------------------------------------------------------------------------------- in the wild
