@@ -1,6 +1,6 @@
-"""SLERP, Model Stock and Multi-SLERP streamed in row blocks (issue 19): the Gram matrix of the statistics pass does
-not depend on how a tensor is split, so blocks, tiles and whole tensors give the same bytes, and the special cases
-(zero task vectors, (anti)parallel inputs) take the same branch in every block.
+"""SLERP, Model Stock, Multi-SLERP and Karcher streamed in row blocks (issue 19): the Gram matrix of the statistics
+pass does not depend on how a tensor is split, so blocks, tiles and whole tensors give the same bytes, and the
+special cases (zero task vectors, (anti)parallel inputs) take the same branch in every block.
 
 References: exact rational arithmetic (``fractions``) for the Gram sums; the whole-tensor path (``TwoPass.whole``,
 itself checked against float64 numpy re-implementations in ``test_geometry.py`` and against mergekit in
@@ -27,7 +27,9 @@ from mergelab.ops.row_gram import RowGram, row_dots
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
 SETTINGS = [("slerp", {"t": 0.3}), ("model_stock", {"filter_wise": False}), ("model_stock", {"filter_wise": True}),
             ("multislerp", {"weight": [1.0, 0.5, 2.0]}), ("multislerp", {"weight": [1.0, 0.5, 2.0],
-                                                                          "normalize_weights": False})]
+                                                                          "normalize_weights": False}),
+            ("karcher", {"tol": 1e-9, "max_iter": 50}), ("karcher", {"weight": [0.2, 0.0, 0.8], "step_size": 0.5}),
+            ("karcher", {"fisher_precondition": "diagonal", "tol": 1e-9, "max_iter": 50})]
 
 
 @pytest.fixture
@@ -102,12 +104,22 @@ def _one_row(vectors, r):
 
 
 def inputs(name: str, shape, dtype=torch.float32, seed=0):
-    """A base and the method's experts (one for slerp, three otherwise), near the base as fine-tunes are."""
+    """A base and the method's experts (one for slerp, three otherwise), near the base as fine-tunes are; Karcher
+    ignores the base, so gets None."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g, dtype=dtype)
     shared = 0.1 * torch.randn(shape, generator=g, dtype=dtype)
     count = 1 if name == "slerp" else 3
-    return base, [base + shared + 0.1 * torch.randn(shape, generator=g, dtype=dtype) for _ in range(count)]
+    experts = [base + shared + 0.1 * torch.randn(shape, generator=g, dtype=dtype) for _ in range(count)]
+    return (None if name == "karcher" else base), experts
+
+
+def extras(params, shape, seed=0):
+    """A Fisher (some entries zero) where the recipe asks for the diagonal metric, as the prepare pass gives it."""
+    if params.get("fisher_precondition") != "diagonal":
+        return {}
+    g = torch.Generator().manual_seed(seed + 100)
+    return {"fisher": torch.rand(shape, generator=g) ** 4 * (torch.rand(shape, generator=g) > 0.2)}
 
 
 def whole(name, base, experts, **params):
@@ -118,7 +130,7 @@ def whole(name, base, experts, **params):
 
 def blockwise(name, base, experts, rows, **params):
     """The engine's protocol on ``rows``-row blocks (elements of a 1-D tensor): the statistics pass, then the
-    output pass, each block a fresh copy (the engine reuses its buffers)."""
+    output pass, each block a fresh copy (the engine reuses its buffers), the prepare pass's extras whole."""
     spec = METHODS[name]
     call = spec.call_with(base, experts, INFO, **params)
     reference = experts[0]
@@ -128,7 +140,8 @@ def blockwise(name, base, experts, rows, **params):
 
     def block_call(a, b):
         take = (lambda t: t[a:b].clone()) if reference.dim() else (lambda t: t.clone())
-        return MethodCall(None if base is None else take(base), [take(e) for e in experts], INFO, call.params)
+        return MethodCall(None if base is None else take(base), [take(e) for e in experts], INFO, call.params,
+                          None, call.extras)
 
     while not state.done:
         for a, b in blocks:
@@ -155,12 +168,14 @@ def assert_blocks_match(name, base, experts, **params):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_blocks_give_the_same_bits_as_the_whole_tensor(name, params, shape, dtype):
     base, experts = inputs(name, shape, dtype, seed=len(shape))
-    merged, stats = assert_blocks_match(name, base, experts, **params)
+    merged, stats = assert_blocks_match(name, base, experts, **params, **extras(params, shape, len(shape)))
     assert merged.dtype == dtype
     if name == "slerp" and shape:  # (one number has the direction of any other of its sign)
         assert stats["slerp_linear"] == 0.0
     if name == "model_stock" and shape:
         assert 0 < stats["model_stock_t"] < 1 and stats["model_stock_guarded"] == 0.0
+    if name == "karcher" and "tol" in params:
+        assert stats["karcher_converged"] == 1.0
 
 
 def test_multislerp_without_a_base_in_blocks():
@@ -251,6 +266,11 @@ ENGINE_CASES = {
                                 "models": [{"model": str(x), "parameters": {"weight": w}} for x, w in zip(e, (1, 3))]},
     "multislerp_no_base": lambda b, e: {"merge_method": "multislerp",
                                         "models": [{"model": str(x)} for x in (b, *e)]},
+    "karcher": lambda b, e: {"merge_method": "karcher", "parameters": {"tol": 1e-7, "max_iter": 30},
+                             "models": [{"model": str(x)} for x in (b, *e)]},
+    "karcher_fisher": lambda b, e: {"merge_method": "karcher", "parameters": {"fisher_precondition": "diagonal"},
+                                    "models": [{"model": str(x), "parameters": {"weight": w}}
+                                               for x, w in zip((b, *e), (1, 2, 3))]},
 }
 
 
@@ -259,6 +279,7 @@ def test_streamed_merge_writes_the_same_bytes(family, tmp_path, case, monkeypatc
     """Whole tensors in one tile; tiny tiles (1-D norms in pieces, matrices a row at a time); every tensor
     streamed in row blocks from disk: the same shard bytes and the same per-tensor statistics."""
     base, experts = family
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))  # the Fisher, computed once for the four merges
     recipe = {**ENGINE_CASES[case](base, experts), "dtype": "bfloat16"}
     observed = []
     original = pipeline.observe_piece
