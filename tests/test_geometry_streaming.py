@@ -16,10 +16,8 @@ from fractions import Fraction
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tinymodels import make_family
+from tinymodels import make_family, merges_in_pieces
 
-import mergelab.stream.pipeline as pipeline
-from mergelab.api import merge
 from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodCall, TensorInfo
 from mergelab.ops.row_gram import RowGram, row_dots
@@ -281,15 +279,7 @@ def test_streamed_merge_writes_the_same_bytes(family, tmp_path, case, monkeypatc
     base, experts = family
     monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))  # the Fisher, computed once for the four merges
     recipe = {**ENGINE_CASES[case](base, experts), "dtype": "bfloat16"}
-    observed = []
-    original = pipeline.observe_piece
-    monkeypatch.setattr(pipeline, "observe_piece", lambda run, piece, *args: (observed.append(piece.job.name),
-                                                                         original(run, piece, *args)))
-    reference = merge(recipe, tmp_path / "whole", tile_elements=1 << 30)
-    assert observed == []
-    outputs = [merge(recipe, tmp_path / "tiled", tile_elements=8), merge(recipe, tmp_path / "tiled40",
-                                                                         tile_elements=40),
-               merge(recipe, tmp_path / "streamed", chunk_elements=100, stream_elements=0)]
+    reference, outputs, observed = merges_in_pieces(recipe, tmp_path, monkeypatch, tiles=(8, 40))
     assert SPECIAL["opposite"] in observed  # the last merge read it in blocks, once per pass
     shards = sorted(p.name for p in reference.glob("*.safetensors"))
     stats = json.loads((reference / "mergelab.json").read_text())["tensors"]
