@@ -20,7 +20,7 @@ from tinymodels import make_family, merges_in_pieces
 
 from mergelab.methods.registry import METHODS
 from mergelab.methods.spec import MethodCall, TensorInfo
-from mergelab.ops.row_gram import RowGram, row_dots
+from mergelab.ops.row_gram import RowGram, pairwise_row_sums, row_dots
 
 INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", 0, "mlp_up", 2)
 SETTINGS = [("slerp", {"t": 0.3}), ("model_stock", {"filter_wise": False}), ("model_stock", {"filter_wise": True}),
@@ -62,6 +62,22 @@ def test_row_dots_depend_on_the_row_alone(width, threads, torch_threads):
         for e, (i, j) in enumerate([(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]):
             exact = exact_dot(vectors[i][r], vectors[j][r])
             assert abs(Fraction(float(whole[r, e])) - exact) <= 1e-14 * abs(exact) + Fraction(1, 10 ** 30)
+
+
+@pytest.mark.parametrize("width", [1, 7, 1536, 40_001])
+def test_pairwise_row_sums_depend_on_the_row_alone(width):
+    """The device-independent sums (used off the CPU): a row alone or among others, the same bits, within
+    rounding of the exact sum."""
+    g = torch.Generator().manual_seed(width)
+    values = torch.randn(2, 6, width, generator=g, dtype=torch.float64)
+    together = pairwise_row_sums(values.clone())
+    alone = torch.stack([torch.stack([pairwise_row_sums(values[e, r : r + 1].clone())[0] for r in range(6)])
+                         for e in range(2)])
+    assert torch.equal(together, alone)
+    for r in range(6):
+        exact = sum((Fraction(v) for v in values[1, r].tolist()), Fraction(0))
+        assert abs(Fraction(float(together[1, r])) - exact) <= 1e-12 * sum(abs(v) for v in values[1, r].tolist())
+    assert pairwise_row_sums(torch.zeros(3, 0, dtype=torch.float64)).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_a_1d_total_is_the_exact_dot_product_correctly_rounded_in_any_pieces():

@@ -28,12 +28,12 @@ class _Slerp(GramPass):
 
     def solve(self, gram: RowGram) -> None:
         t = self.params["t"]
-        g = gram.total()
-        norm_a, norm_b = math.sqrt(g[0, 0]), math.sqrt(g[1, 1])
+        g = gram.total().tolist()
+        norm_a, norm_b = math.sqrt(g[0][0]), math.sqrt(g[1][1])
         self.coefficients, self.stats = [1 - t, t], {"slerp_linear": 1.0}
         if norm_a == 0 or norm_b == 0:
             return
-        cos_theta = min(1.0, max(-1.0, float(g[0, 1]) / (norm_a * norm_b)))
+        cos_theta = min(1.0, max(-1.0, g[0][1] / (norm_a * norm_b)))
         theta = math.acos(cos_theta)
         self.stats = {"slerp_angle": theta, "slerp_linear": 1.0}
         if abs(cos_theta) > SLERP_DOT_THRESHOLD:
