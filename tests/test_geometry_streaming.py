@@ -192,6 +192,13 @@ def test_blocks_give_the_same_bits_as_the_whole_tensor(name, params, shape, dtyp
         assert stats["karcher_converged"] == 1.0
 
 
+@pytest.mark.parametrize("name, params", SETTINGS)
+def test_an_empty_tensor_stays_empty(name, params):
+    base, experts = inputs(name, (0, 4))
+    merged, _ = whole(name, base, experts, **params, **extras(params, (0, 4)))
+    assert merged.shape == (0, 4)
+
+
 def test_multislerp_without_a_base_in_blocks():
     _, experts = inputs("multislerp", (40, 12), seed=5)
     assert_blocks_match("multislerp", None, experts, weight=[0.2, 1.0, 0.7])

@@ -49,7 +49,7 @@ def row_dots(vectors: list[torch.Tensor]) -> torch.Tensor:
     if len(vectors) < 2:
         raise ValueError("row_dots needs at least two vectors (one reduction must have several outputs)")
     rows = vectors[0].shape[0] if vectors[0].dim() else 1
-    flat = [v.reshape(rows, -1) for v in vectors]
+    flat = [v.reshape(rows, math.prod(v.shape[1:])) for v in vectors]  # a 1-D tensor: rows of one element
     width = flat[0].shape[1]
     table = torch.empty(rows, len(pairs(len(vectors))), dtype=torch.float64, device=vectors[0].device)
     step = max(1, _CHUNK // max(width, 1))
