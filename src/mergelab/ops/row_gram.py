@@ -39,7 +39,8 @@ def row_dots(vectors: list[torch.Tensor]) -> torch.Tensor:
     Each product is taken in float64 (exact for float32 inputs: 24 + 24 mantissa bits fit in 53), and each
     row's products are summed so that the sum depends on the row alone, not on how many rows come with it, the
     device or the thread count. On the CPU, by one torch reduction over the last dimension (the cheapest:
-    0.2 ns per product against 0.4-0.7 for the tree): torch splits one reduction's inner dimension across
+    0.2 ns per product against 0.4-0.7 for the tree and 30-40 ns for an exact accumulator like
+    ``ops.l1_norm.L1Norm``; BENCHMARKS.md, issue 19): torch splits one reduction's inner dimension across
     threads only when it has a single output, and here every call reduces ``E ≥ 3`` rows at once (``N ≥ 2``),
     so each row is summed whole by one thread, in the kernel's fixed order for its length
     (``tests/test_geometry_streaming.py`` checks one and several rows, one and two threads). Elsewhere by
