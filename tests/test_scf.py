@@ -8,10 +8,8 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from tinymodels import load_folder, make_family
+from tinymodels import load_folder, make_family, merges_in_pieces
 
-import mergelab.stream.pipeline as pipeline
-from mergelab.api import merge
 from mergelab.errors import CheckpointError, CompatibilityError, RecipeError
 from mergelab.methods.scf import MULTI_EXPERT_RULES, SPECS
 from mergelab.methods.scf_saliency import passes, saliency
@@ -411,18 +409,11 @@ def test_streamed_merge_writes_the_same_bytes(tmp_path, method, params, monkeypa
                                 dtype=torch.bfloat16)
     recipe = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": params,
               "models": [{"model": str(e)} for e in experts]}
-    observed = []
-    original = pipeline.observe_piece
-    monkeypatch.setattr(pipeline, "observe_piece", lambda run, piece, *args: (observed.append(piece.job.name),
-                                                                         original(run, piece, *args)))
-    whole = merge(recipe, tmp_path / "whole", tile_elements=1 << 30)
-    assert observed == []
-    outputs = [whole, merge(recipe, tmp_path / "tiled", tile_elements=40),
-               merge(recipe, tmp_path / "streamed", chunk_elements=100, stream_elements=0)]
+    whole, outputs, observed = merges_in_pieces(recipe, tmp_path, monkeypatch)
     assert "model.layers.1.mlp.down_proj.weight" in observed
     reference_tensors = load_folder(whole)
     reference_stats = json.loads((whole / "mergelab.json").read_text())["tensors"]
-    for out in outputs[1:]:
+    for out in outputs:
         tensors = load_folder(out)
         assert tensors.keys() == reference_tensors.keys()
         assert all(torch.equal(tensors[k], reference_tensors[k]) for k in tensors)

@@ -89,3 +89,23 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def merges_in_pieces(recipe: dict, workdir: Path, monkeypatch, tiles: tuple[int, ...] = (40,)
+                     ) -> tuple[Path, list[Path], list[str]]:
+    """``recipe`` merged with whole tensors in one tile, in tiny tiles (of each of ``tiles`` elements: 1-D
+    tensors in pieces), and with every tensor streamed from disk in row blocks, statistics passes included.
+    Returns the whole-tensor output, the others, and the tensors whose statistics passes were read in blocks
+    (spied on ``stream.pipeline.observe_piece``; none in the whole-tensor merge, which is checked)."""
+    import mergelab.stream.pipeline as pipeline
+    from mergelab.api import merge
+
+    observed: list[str] = []
+    original = pipeline.observe_piece
+    monkeypatch.setattr(pipeline, "observe_piece", lambda run, piece, *args: (observed.append(piece.job.name),
+                                                                         original(run, piece, *args)))
+    whole = merge(recipe, workdir / "whole", tile_elements=1 << 30)
+    assert observed == [], "the whole-tensor merge streamed a statistics pass"
+    outputs = [merge(recipe, workdir / f"tiled{n}", tile_elements=n) for n in tiles]
+    outputs.append(merge(recipe, workdir / "streamed", chunk_elements=100, stream_elements=0))
+    return whole, outputs, observed

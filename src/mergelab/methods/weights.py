@@ -3,6 +3,7 @@ planning check that they can be normalised."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,17 +20,23 @@ def zero_sum_error(where: str, method: str, remedy: str = "give the models weigh
     return RecipeError(f"{where}: the {method} weights sum to zero, so they cannot be normalised; {remedy}")
 
 
-def normalised_weights(call: MethodCall, method: str) -> torch.Tensor:
-    """The per-model ``weight`` values divided by their sum, as a tensor on the experts' device.
+def normalised_values(weights: list[float], where: str, method: str) -> list[float]:
+    """The per-model weights divided by their (correctly rounded) sum, in float64.
 
-    Raises RecipeError when the weights sum to zero, since they cannot then be normalised.
+    Raises RecipeError naming ``where`` when the weights sum to zero, since they cannot then be normalised.
     """
+    total = math.fsum(weights)
+    if abs(total) < ZERO_SUM:
+        raise zero_sum_error(where, method)
+    return [w / total for w in weights]
+
+
+def normalised_weights(call: MethodCall, method: str) -> torch.Tensor:
+    """The per-model ``weight`` values divided by their sum (``normalised_values``), as a tensor of the experts'
+    dtype on their device."""
     first = call.experts[0]
-    weights = torch.tensor(call.params["weight"], dtype=first.dtype, device=first.device)
-    total = weights.sum()
-    if total.abs() < ZERO_SUM:
-        raise zero_sum_error(call.info.name, method)
-    return weights / total
+    return torch.tensor(normalised_values(call.params["weight"], call.info.name, method), dtype=first.dtype,
+                        device=first.device)
 
 
 def weight_sum_check(method: str, switch: str | None = None, remedy: str = "give the models weights with a "
