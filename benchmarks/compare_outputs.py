@@ -61,6 +61,9 @@ def recipes(base: str, experts: list[str]) -> dict[str, tuple[dict, list[str]]]:
         "sce": (merge("sce", [{"model": base}] + [{"model": e} for e in experts], select_topk=0.5), []),
         "tsv": (merge("tsv", two), []),
         "iso_c": (merge("iso_c", two), []),
+        "iso_cts": (merge("iso_cts", two), []),
+        "task_arithmetic_sb": (merge("task_arithmetic_sb", two), []),
+        "ties_sb": (merge("ties_sb", dense), []),
         "ties_sharded": (merge("ties", dense), ["--shard-size", "40M"]),
         "fim_ta": (merge("fim_ta", two, fisher_samples=2, fisher_length=8), []),
         "fim_ties": (merge("fim_ties", two, fisher_samples=2, fisher_length=8, density=0.3), []),
@@ -75,14 +78,12 @@ def recipes(base: str, experts: list[str]) -> dict[str, tuple[dict, list[str]]]:
 
 
 def build_models(workdir: Path, layers: int) -> tuple[Path, list[Path]]:
-    arch, model_type, vocab, hidden, inter, _, heads, kv, bias = bench_engine.SHAPES["smollm2-135m"]
-    bench_engine.SHAPES["compare"] = (arch, model_type, vocab, hidden, inter, layers, heads, kv, bias)
     base, experts = workdir / "base", [workdir / f"expert{i}" for i in range(2)]
     if not base.exists():
-        bench_engine.write_model(base, "compare", 0, None)
+        bench_engine.write_model(base, "smollm2-135m", 0, None, layers)
     for i, expert in enumerate(experts):
         if not expert.exists():
-            bench_engine.write_model(expert, "compare", i + 1, base)
+            bench_engine.write_model(expert, "smollm2-135m", i + 1, base, layers)
     return base, experts
 
 

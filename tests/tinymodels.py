@@ -109,3 +109,18 @@ def merges_in_pieces(recipe: dict, workdir: Path, monkeypatch, tiles: tuple[int,
     outputs = [merge(recipe, workdir / f"tiled{n}", tile_elements=n) for n in tiles]
     outputs.append(merge(recipe, workdir / "streamed", chunk_elements=100, stream_elements=0))
     return whole, outputs, observed
+
+
+def assert_same_outputs(reference: Path, outputs: list[Path]) -> dict[str, dict]:
+    """Every output folder holds the reference's shard files, byte for byte, and its per-tensor statistics
+    (``mergelab.json``); returns those statistics."""
+    import json
+
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
+    stats = json.loads((reference / "mergelab.json").read_text())["tensors"]
+    for out in outputs:
+        assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+        for shard in shards:
+            assert (out / shard).read_bytes() == (reference / shard).read_bytes(), (out.name, shard)
+        assert json.loads((out / "mergelab.json").read_text())["tensors"] == stats, out.name
+    return stats

@@ -100,10 +100,11 @@ def task_vector_similarity(plan: MergePlan) -> dict[str, Any]:
 def peak_memory_bytes(plan: MergePlan, options: MergeOptions | None = None) -> int:
     """What the engine holds at once beyond the interpreter, for the largest piece it computes (an estimate, not a
     bound): the inputs, in their storage dtypes, of ``read_ahead + 1`` pieces being read and of the pieces being
-    computed (one per compute lane); each lane's work copies in the compute dtype (cache-sized tiles for
-    elementwise and ``TwoPass`` methods, the whole piece otherwise, one per input plus one); the outputs being
-    computed, queued for the writer (two) and being written (one). A piece is a row block where the engine streams
-    the tensor, else the whole tensor: the job's ``stream.schedule.execution``, as the engine runs it."""
+    computed (one per compute lane); each lane's work copies in the compute dtype (cache-sized tiles where the job
+    is tiled, the whole piece otherwise, one per input plus one; a method's own workspace, such as an SVD's, is
+    not counted); the outputs being computed, queued for the writer (two) and being written (one). A piece is a
+    row block where the engine streams the tensor, else the whole tensor: the job's ``stream.schedule.execution``,
+    as the engine runs it."""
     options = options or MergeOptions()
     work_size = 8 if options.float64 else 4
     out_size = torch.tensor([], dtype=plan.out_dtype).element_size()

@@ -6,8 +6,10 @@ by the per-model ``weight`` α_i (1 by default, as in the study). The result is 
 
 Rule for tensors that are not 2-D matrices in the layer stack (embeddings, output head, norms, biases, other
 1-D tensors): there is no spectrum to work on, so ``tsv``, ``iso_c`` and ``iso_cts`` use the study's choice,
-the task-vector mean ``Δ = Σ_i α_i δ_i / Σ_i α_i``, and the Subspace Boosting methods use the unboosted update
-of the method they boost.
+the task-vector mean ``Δ = Σ_i α_i δ_i / Σ_i α_i``, and the Subspace Boosting methods are the method they boost.
+The mean is elementwise and Task Arithmetic and TIES run in row blocks (``TwoPass``), so the engine streams
+those tensors (the embedding and LM head are the largest of a model) and takes only the in-layer matrices whole:
+``spectral`` is both the engine's ``needs_whole`` and the functions' choice of rule, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -16,15 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-from mergelab.methods.spec import MethodCall, MethodSpec, Param, weight_param
-from mergelab.methods.task_arithmetic import (
-    LAMBDA,
-    TASK_ARITHMETIC_PARAMS,
-    TIES_PARAMS,
-    task_arithmetic_update,
-    ties_update,
-)
-from mergelab.methods.weights import normalised_weights
+from mergelab.methods import task_arithmetic
+from mergelab.methods.spec import MethodCall, MethodResult, MethodSpec, Param, TensorInfo, weight_param
+from mergelab.methods.task_arithmetic import LAMBDA, task_arithmetic_update, ties_update
+from mergelab.methods.weights import normalised_weights, weight_sum_check
 from mergelab.ops.spectral import isotropic, polar_factor, subspace_boost, top_components
 
 BETA = Param("beta", float, default=0.2, low=0.0, high=1.0,
@@ -34,9 +31,15 @@ COMMON_SPACE_FRACTION = Param("common_space_fraction", float, default=0.8, low=0
 Stats = dict[str, float]
 
 
+def spectral(info: TensorInfo, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor is a 2-D matrix in the layer stack, the tensors the SVD methods operate on (whole: an
+    SVD needs every row); every other tensor gets an elementwise or row-block rule (the module docstring)."""
+    return info.is_matrix_in_layer and len(shape) == 2
+
+
 def uses_spectrum(call: MethodCall) -> bool:
-    """Whether this tensor is a 2-D matrix in the layer stack, the tensors the SVD methods operate on."""
-    return call.info.is_matrix_in_layer and call.base.dim() == 2
+    """``spectral`` for the tensor of ``call`` (which the engine hands over whole exactly when this holds)."""
+    return spectral(call.info, tuple(call.base.shape))
 
 
 def weighted_task_vectors(call: MethodCall) -> list[torch.Tensor]:
@@ -45,9 +48,16 @@ def weighted_task_vectors(call: MethodCall) -> list[torch.Tensor]:
 
 
 def _mean_rule(call: MethodCall) -> tuple[torch.Tensor, Stats]:
-    """The non-matrix rule: ``θ_0 + λ Σ_i α_i δ_i / Σ_i α_i`` (see the module docstring)."""
+    """The non-matrix rule: ``θ_0 + λ Σ_i w_i δ_i`` with ``w_i = α_i / Σ_j α_j`` (see the module docstring).
+
+    Elementwise, so the engine may hand over any row block: the weights depend on the parameters alone (the same
+    for every block of a tensor), and each element is summed in expert order with one rounding per product and
+    per sum (the bits of the ``tensordot`` this replaced, which left the order to BLAS).
+    """
     weights = normalised_weights(call, "task-vector mean")
-    update = torch.tensordot(weights, torch.stack([e - call.base for e in call.experts]), dims=1)
+    update = (call.experts[0] - call.base) * weights[0]
+    for weight, expert in zip(weights[1:], call.experts[1:]):
+        update += (expert - call.base) * weight
     return call.base + call.params["lambda"] * update, {}
 
 
@@ -119,33 +129,39 @@ def iso_cts(call: MethodCall) -> tuple[torch.Tensor, Stats]:
     return call.base + call.params["lambda"] * update, stats
 
 
-def _boosted(name: str, update_fn: Callable[[MethodCall], torch.Tensor]) -> Callable[[MethodCall], tuple]:
-    """A Subspace Boosting method on top of ``update_fn``, the merged update of Task Arithmetic or TIES."""
+def _boosted(method: str, update_fn: Callable[[MethodCall], torch.Tensor], after: str) -> MethodSpec:
+    """``{method}_sb``, Subspace Boosting on top of ``update_fn``, the merged update of ``method`` (Task Arithmetic
+    or TIES): that method itself (its elementwise or ``TwoPass`` declaration too) on every tensor but the spectral
+    ones."""
+    name, unboosted = f"{method}_sb", {spec.name: spec for spec in task_arithmetic.SPECS}[method]
 
     def merge(call: MethodCall) -> tuple[torch.Tensor, Stats]:
-        update = update_fn(call)
-        stats: Stats = {}
-        if uses_spectrum(call):
-            update, stats = subspace_boost(update, call.params["beta"])
+        if not uses_spectrum(call):
+            return unboosted.fn(call), {}  # θ_0 + λ Δ, as the unboosted method computes it block by block
+        update, stats = subspace_boost(update_fn(call), call.params["beta"])
         return call.base + call.params["lambda"] * update, stats
 
     merge.__name__ = name
     merge.__doc__ = (f"{name}: ``θ_0 + λ boost(Δ)`` ([InTheWild] eq. 11) with ``Δ`` from ``{update_fn.__name__}``"
-                     " and ``boost`` = ``ops.spectral.subspace_boost`` on 2-D matrices of the layer stack.")
-    return merge
+                     " and ``boost`` = ``ops.spectral.subspace_boost`` on 2-D matrices of the layer stack; "
+                     f"``{unboosted.name}`` on every other tensor.")
+    return MethodSpec(name=name, fn=merge, params=(*unboosted.params, BETA),
+                      citation=f"Skorobogat et al. 2025, Subspace Boosting, after {after}", base="required",
+                      random=unboosted.random, elementwise=unboosted.elementwise, two_pass=unboosted.two_pass,
+                      needs_whole=spectral, check_params=unboosted.check_params)
 
 
-SB_CITATION = "Skorobogat et al. 2025, Subspace Boosting"
+def _svd_spec(name: str, fn: Callable[[MethodCall], MethodResult], citation: str, *params: Param) -> MethodSpec:
+    """TSV-Merge or Iso-C(TS): the SVD rule on spectral tensors, the elementwise task-vector mean elsewhere."""
+    return MethodSpec(name=name, fn=fn, params=(weight_param(), LAMBDA, *params), citation=citation,
+                      base="required", elementwise=True, needs_whole=spectral,
+                      check_params=weight_sum_check("task-vector mean"))
+
+
 SPECS = (
-    MethodSpec(name="tsv", fn=tsv, params=(weight_param(), LAMBDA),
-               citation="Gargiulo et al. 2025, Task Singular Vectors (TSV-Merge)", base="required"),
-    MethodSpec(name="iso_c", fn=iso_c, params=(weight_param(), LAMBDA),
-               citation="Marczak et al. 2025, No Task Left Behind (Iso-C)", base="required"),
-    MethodSpec(name="iso_cts", fn=iso_cts, params=(weight_param(), LAMBDA, COMMON_SPACE_FRACTION),
-               citation="Marczak et al. 2025, No Task Left Behind (Iso-CTS)", base="required"),
-    MethodSpec(name="task_arithmetic_sb", fn=_boosted("task_arithmetic_sb", task_arithmetic_update),
-               params=(*TASK_ARITHMETIC_PARAMS, BETA), citation=f"{SB_CITATION}, after Task Arithmetic",
-               base="required"),
-    MethodSpec(name="ties_sb", fn=_boosted("ties_sb", ties_update), params=(*TIES_PARAMS, BETA),
-               citation=f"{SB_CITATION}, after TIES-Merging", base="required"),
+    _svd_spec("tsv", tsv, "Gargiulo et al. 2025, Task Singular Vectors (TSV-Merge)"),
+    _svd_spec("iso_c", iso_c, "Marczak et al. 2025, No Task Left Behind (Iso-C)"),
+    _svd_spec("iso_cts", iso_cts, "Marczak et al. 2025, No Task Left Behind (Iso-CTS)", COMMON_SPACE_FRACTION),
+    _boosted("task_arithmetic", task_arithmetic_update, "Task Arithmetic"),
+    _boosted("ties", ties_update, "TIES-Merging"),
 )

@@ -219,8 +219,6 @@ FAMILY = (
     Family("breadcrumbs_ties", "outliers", True, False, False, "Davari & Belilovsky 2024, with TIES election"),
 )
 _BY_NAME = {f.name: f for f in FAMILY}
-TASK_ARITHMETIC_PARAMS = _BY_NAME["task_arithmetic"].params
-TIES_PARAMS = _BY_NAME["ties"].params
 
 
 def task_arithmetic_update(call: MethodCall) -> torch.Tensor:

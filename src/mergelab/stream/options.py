@@ -17,9 +17,10 @@ class MergeOptions:
     Sizes in elements: ``chunk_elements`` per row block read from disk; ``stream_elements``: ``TwoPass`` methods
     read larger tensors in blocks, once per statistics pass; ``tile_elements`` per tile computed from a piece
     (cache-sized). ``compute_threads``: pieces of elementwise and ``TwoPass`` methods computed side by side on
-    the CPU, each on one torch thread. Parallel pieces rather than multi-threaded torch ops: with OpenMP threads
-    on a shared 2-core machine every op waited in a barrier for a busy core (4x the CPU time for the same merge),
-    while independent pieces never wait for each other.
+    the CPU, each on one torch thread (not for a method with ``needs_whole`` tensors, whose SVDs use torch's
+    threads: all its pieces run on the calling thread). Parallel pieces rather than multi-threaded torch ops:
+    with OpenMP threads on a shared 2-core machine every op waited in a barrier for a busy core (4x the CPU time
+    for the same merge), while independent pieces never wait for each other.
     """
 
     device: str = "cpu"

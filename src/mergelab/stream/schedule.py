@@ -4,7 +4,9 @@ A piece is a whole tensor, or a row block of at most ``chunk_elements`` elements
 computed in blocks; ``TwoPass`` methods (a per-tensor statistic, then elementwise) stream the blocks of a tensor
 above ``stream_elements`` once per statistics pass, then once more to compute, so memory does not grow even with
 the largest tensor. Both kinds are computed in cache-sized tiles; pieces that carry no cross-piece state may go to
-``compute_threads`` lanes. ``mergelab check`` reads the same decision for its memory estimate.
+``compute_threads`` lanes. The decision is per tensor: a method's ``needs_whole`` names the tensors it must take
+whole (the SVD methods' in-layer matrices), and those are one untiled piece while its other tensors stream.
+``mergelab check`` reads the same decision for its memory estimate.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ class Execution:
 
 
 def tiles_on_cpu(method: MethodSpec, options: MergeOptions) -> bool:
-    """The method is computed in cache-sized tiles on the CPU: then each thread computing runs torch on one
-    thread, and pieces without shared state go to compute lanes."""
-    tiled = method.elementwise or method.two_pass is not None
+    """Every tensor of the method is computed in cache-sized tiles on the CPU: then each thread computing runs
+    torch on one thread, and pieces without shared state go to compute lanes. A method with ``needs_whole``
+    tensors runs all its pieces on the calling thread with torch's own threads, which its whole tensors (an SVD)
+    use."""
+    tiled = (method.elementwise or method.two_pass is not None) and method.needs_whole is None
     return tiled and torch.device(options.device).type == "cpu"
 
 
@@ -52,18 +56,20 @@ def lanes_for(method: MethodSpec, options: MergeOptions) -> int:
 def execution(method: MethodSpec, job: TensorJob, options: MergeOptions) -> Execution:
     """The one decision of how ``job`` runs.
 
-    Elementwise methods split any tensor larger than a block. ``TwoPass`` methods split tensors of 2 or more
-    dimensions above ``stream_elements`` (smaller ones are read once, whole, instead of once per pass), and
-    random ones only on the CPU, where a generator draws the same numbers whether a tensor comes whole or in
-    blocks (CUDA's draws depend on the launch shape).
+    A tensor the method ``needs_whole`` is one untiled piece. Otherwise elementwise methods split any tensor larger
+    than a block. ``TwoPass`` methods split tensors of 2 or more dimensions above ``stream_elements`` (smaller ones
+    are read once, whole, instead of once per pass), and random ones only on the CPU, where a generator draws the
+    same numbers whether a tensor comes whole or in blocks (CUDA's draws depend on the launch shape).
     """
-    two_pass = not method.elementwise and method.two_pass is not None
-    tiled, lanes = method.elementwise or two_pass, lanes_for(method, options)
+    whole = method.needs_whole is not None and method.needs_whole(job.info, tuple(job.shape))
+    elementwise = method.elementwise and not whole
+    two_pass = not method.elementwise and method.two_pass is not None and not whole
+    tiled, lanes = elementwise or two_pass, lanes_for(method, options)
     if not job.shape:
         return Execution(None, two_pass, tiled, lanes)
     rows, row_size = job.shape[0], max(1, torch.Size(job.shape[1:]).numel())
     per_piece = max(1, options.chunk_elements // row_size)
-    blockwise = method.elementwise or (
+    blockwise = elementwise or (
         two_pass and len(job.shape) >= 2 and rows * row_size > options.stream_elements
         and (not method.random or torch.device(options.device).type == "cpu"))
     if not blockwise or rows <= per_piece:
