@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--compare-src", type=Path, nargs="*", default=[],
                         help="also run mergelab from these source trees (a 'src' folder of another commit), "
                              "side by side, for before/after ratios measured in one run")
+    parser.add_argument("--parameters", type=json.loads, default={},
+                        help='recipe-level parameters as JSON, added to every recipe (e.g. \'{"select_topk": 0.5}\')')
     parser.add_argument("--write", nargs=4, metavar=("FOLDER", "SHAPE", "SEED", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
@@ -176,6 +178,8 @@ def main() -> None:
         floors: dict[tuple[str, ...], tuple[float, float, float]] = {}
         for method in args.methods:
             recipe, used = recipe_for(method, folders[0], folders[1:])
+            if args.parameters:
+                recipe["parameters"] = {**recipe.get("parameters", {}), **args.parameters}
             inputs = tuple(str(f / "model.safetensors") for f in used)
             subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
             if inputs not in floors:

@@ -5,6 +5,7 @@ mergekit is the reference implementation: it is run as its own program (``mergek
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -109,3 +110,16 @@ def merges_in_pieces(recipe: dict, workdir: Path, monkeypatch, tiles: tuple[int,
     outputs = [merge(recipe, workdir / f"tiled{n}", tile_elements=n) for n in tiles]
     outputs.append(merge(recipe, workdir / "streamed", chunk_elements=100, stream_elements=0))
     return whole, outputs, observed
+
+
+def assert_same_merges(reference: Path, outputs: list[Path]) -> dict:
+    """Every folder of ``outputs`` holds ``reference``'s shard files, byte for byte, and its per-tensor statistics
+    in ``mergelab.json``; returns those statistics."""
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
+    stats = json.loads((reference / "mergelab.json").read_text())["tensors"]
+    for out in outputs:
+        assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+        for shard in shards:
+            assert (out / shard).read_bytes() == (reference / shard).read_bytes(), (out.name, shard)
+        assert json.loads((out / "mergelab.json").read_text())["tensors"] == stats
+    return stats
