@@ -62,13 +62,15 @@ class Selection:
     def __init__(self, info: TensorInfo, params: dict[str, Any], shape: tuple[int, ...],
                  generator: torch.Generator | None):
         self.numel = math.prod(shape)
+        self.rows = shape[0] if shape else 1
         self.fraction = params["select_topk"]
         self.window: RankWindow | None = None  # known after the counting pass
         if self.fraction >= 1.0 or self.fraction <= 0.0 or self.numel == 0:
             self.window = RankWindow(self.numel, 0, self.numel if self.fraction >= 1.0 else 0, descending=True)
         self.nonzero = 0
         self.models = 0
-        self.row_sums: list[torch.Tensor] = []  # per block: (rows, N) sums of the selected δ_i²
+        self.row_sums: torch.Tensor | None = None  # (rows, N): each row's sums of the selected δ_i²
+        self.cursor = 0  # rows summed so far
         self.weights: list[float] | None = None
 
     @property
@@ -88,9 +90,12 @@ class Selection:
             self.nonzero += int(torch.count_nonzero(variance(deltas)))
         elif not self.window.done:
             self.window.feed(variance(deltas))
-        elif self.models > 1:
-            selected = self.selected(deltas)
-            self.row_sums.append(row_dots(selected, [(i, i) for i in range(self.models)]))
+        elif self.models > 1:  # one table for the whole tensor: a list of small ones would fragment the heap
+            if self.row_sums is None:
+                self.row_sums = torch.empty(self.rows, self.models, dtype=torch.float64, device=call.base.device)
+            sums = row_dots(self.selected(deltas), [(i, i) for i in range(self.models)])
+            self.row_sums[self.cursor : self.cursor + sums.shape[0]] = sums
+            self.cursor += sums.shape[0]
 
     def end_pass(self) -> None:
         if self.window is None:
@@ -99,11 +104,11 @@ class Selection:
             self.window.end_pass()
         else:  # the sums of squares
             self.window.rewind()
-            if self.row_sums:
-                sums = [math.fsum(column) for column in torch.cat(self.row_sums).T.tolist()]
+            if self.row_sums is not None:
+                sums = [math.fsum(column) for column in self.row_sums.T.tolist()]
                 total = math.fsum(sums)
                 self.weights = [s / total for s in sums] if total > 0 else [1.0 / len(sums)] * len(sums)
-                self.row_sums = []
+                self.row_sums = None
 
     def mask(self, deltas: list[torch.Tensor]) -> torch.Tensor:
         """The next block's selection (step 1) as 1.0 and the rest as 0.0, in the task vectors' dtype."""
