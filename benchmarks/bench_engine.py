@@ -162,6 +162,8 @@ def main() -> None:
                              "side by side, for before/after ratios measured in one run")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep the shape's first N decoder layers (default: all); the module docstring says why")
+    parser.add_argument("--parameters", type=json.loads, default={},
+                        help='recipe-level parameters as JSON, added to every recipe (e.g. \'{"select_topk": 0.5}\')')
     parser.add_argument("--write", nargs=4, metavar=("FOLDER", "SHAPE", "SEED", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
@@ -187,6 +189,8 @@ def main() -> None:
         floors: dict[tuple[str, ...], tuple[float, float, float]] = {}
         for method in args.methods:
             recipe, used = recipe_for(method, folders[0], folders[1:])
+            if args.parameters:
+                recipe["parameters"] = {**recipe.get("parameters", {}), **args.parameters}
             inputs = tuple(str(f / "model.safetensors") for f in used)
             subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
             if inputs not in floors:

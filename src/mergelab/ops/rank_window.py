@@ -143,6 +143,12 @@ class RankWindow:
             edge.take(mask, values, xp)
         return magnitudes
 
+    def rewind(self) -> None:
+        """Make the next ``mask`` the first block again, so that the blocks can be masked in another pass."""
+        for edge in (self.low, self.high):
+            if edge is not None:
+                edge.seen = 0
+
     def whole(self, magnitudes: torch.Tensor) -> torch.Tensor:
         """The boolean mask of a whole tensor (both passes over one block; overwrites ``magnitudes``)."""
         while not self.done:

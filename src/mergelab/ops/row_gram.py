@@ -32,33 +32,35 @@ def pairwise_row_sums(values: torch.Tensor) -> torch.Tensor:
     return values[..., 0]
 
 
-def row_dots(vectors: list[torch.Tensor]) -> torch.Tensor:
+def row_dots(vectors: list[torch.Tensor], which: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """``⟨x_i[r], x_j[r]⟩`` for every row ``r`` (first-dimension slice; each element of a 1-D tensor, the one
-    value of a 0-d one) and pair ``i ≤ j`` of ``pairs(N)``, as an (R, E) float64 tensor.
+    value of a 0-d one) and pair ``(i, j)`` of ``which`` (default ``pairs(N)``; at least two pairs), as an
+    (R, E) float64 tensor, ``E = len(which)``.
 
     Each product is taken in float64 (exact for float32 inputs: 24 + 24 mantissa bits fit in 53), and each
     row's products are summed so that the sum depends on the row alone, not on how many rows come with it, the
     device or the thread count. On the CPU, by one torch reduction over the last dimension (the cheapest:
     0.2 ns per product against 0.4-0.7 for the tree and 30-40 ns for an exact accumulator like
     ``ops.l1_norm.L1Norm``; BENCHMARKS.md, issue 19): torch splits one reduction's inner dimension across
-    threads only when it has a single output, and here every call reduces ``E ≥ 3`` rows at once (``N ≥ 2``),
+    threads only when it has a single output, and here every call reduces ``E ≥ 2`` rows at once,
     so each row is summed whole by one thread, in the kernel's fixed order for its length
     (``tests/test_geometry_streaming.py`` checks one and several rows, one and two threads). Elsewhere by
     ``pairwise_row_sums``: CUDA's reduction kernels share a row's sum between threads by a layout chosen from
     the number of rows, so the order is fixed by construction instead.
     """
-    if len(vectors) < 2:
-        raise ValueError("row_dots needs at least two vectors (one reduction must have several outputs)")
+    which = pairs(len(vectors)) if which is None else which
+    if len(which) < 2:
+        raise ValueError("row_dots needs at least two pairs (one reduction must have several outputs)")
     rows = vectors[0].shape[0] if vectors[0].dim() else 1
     flat = [v.reshape(rows, math.prod(v.shape[1:])) for v in vectors]  # a 1-D tensor: rows of one element
     width = flat[0].shape[1]
-    table = torch.empty(rows, len(pairs(len(vectors))), dtype=torch.float64, device=vectors[0].device)
+    table = torch.empty(rows, len(which), dtype=torch.float64, device=vectors[0].device)
     step = max(1, _CHUNK // max(width, 1))
     for a in range(0, rows, step):
         b = min(a + step, rows)
         wide = [f[a:b].double() for f in flat]
         products = torch.empty(table.shape[1], b - a, width, dtype=torch.float64, device=table.device)
-        for e, (i, j) in enumerate(pairs(len(vectors))):
+        for e, (i, j) in enumerate(which):
             torch.mul(wide[i], wide[j], out=products[e])
         table[a:b] = (products.sum(dim=2) if products.device.type == "cpu" else pairwise_row_sums(products)).T
     return table
