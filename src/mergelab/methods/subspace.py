@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from mergelab.methods import task_arithmetic
+from mergelab.methods.gram import linear_combination
 from mergelab.methods.spec import MethodCall, MethodResult, MethodSpec, Param, TensorInfo, weight_param
 from mergelab.methods.task_arithmetic import LAMBDA, task_arithmetic_update, ties_update
 from mergelab.methods.weights import normalised_weights, weight_sum_check
@@ -52,12 +53,11 @@ def _mean_rule(call: MethodCall) -> tuple[torch.Tensor, Stats]:
 
     Elementwise, so the engine may hand over any row block: the weights depend on the parameters alone (the same
     for every block of a tensor), and each element is summed in expert order with one rounding per product and
-    per sum (the bits of the ``tensordot`` this replaced, which left the order to BLAS).
+    per sum (``methods.gram.linear_combination``; the bits of the ``tensordot`` this replaced, which left the
+    order to BLAS).
     """
-    weights = normalised_weights(call, "task-vector mean")
-    update = (call.experts[0] - call.base) * weights[0]
-    for weight, expert in zip(weights[1:], call.experts[1:]):
-        update += (expert - call.base) * weight
+    weights = normalised_weights(call, "task-vector mean").tolist()  # values of the experts' dtype
+    update = linear_combination([expert - call.base for expert in call.experts], weights)
     return call.base + call.params["lambda"] * update, {}
 
 
