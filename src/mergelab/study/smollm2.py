@@ -234,7 +234,9 @@ def _karcher_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
     domains = tuple(OWN_DOMAIN[e] for e in used)
     fields = measure(settings, domains, gsm8k=False, continuations=False)
     jobs = [Job(label=f"parent:{name}", model=str(family / name), **fields) for name in ["base", *used]]
-    probes = [text for d in domains for text in heldout_texts(d, ZOO_SIZES[settings.size()])[:PROBES_PER_DOMAIN]]
+    diagnosed = [label for label in DIAGNOSED if label in chosen]
+    probes = [text for d in domains for text in heldout_texts(d, ZOO_SIZES[settings.size()])[:PROBES_PER_DOMAIN]
+              ] if diagnosed else []
     diagnostics = {"base": str(family / "base"), "experts": [str(family / e) for e in used], "prompts": probes,
                    "probe_length": PROBE_TOKENS, "nl_layers": []}
     for label, (method, params, with_base) in chosen.items():
@@ -243,11 +245,10 @@ def _karcher_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
                                       "models": [{"model": str(family / e)} for e in KARCHER_ORDER[:m]]}
             if with_base:
                 recipe["base_model"] = str(family / "base")
-            diagnosed = m == max(ms) and label in DIAGNOSED
-            jobs.append(Job(label=f"{label}|m={m}", recipe=recipe, activations=diagnostics if diagnosed else None,
+            probed = m == max(ms) and label in diagnosed
+            jobs.append(Job(label=f"{label}|m={m}", recipe=recipe, activations=diagnostics if probed else None,
                             **fields))
-    return jobs, {"family": str(family), "order": used, "ms": ms, "methods": list(chosen),
-                  "diagnosed": [label for label in DIAGNOSED if label in chosen]}
+    return jobs, {"family": str(family), "order": used, "ms": ms, "methods": list(chosen), "diagnosed": diagnosed}
 
 
 def _karcher_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
