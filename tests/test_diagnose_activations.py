@@ -110,6 +110,28 @@ def test_nl_score_against_a_direct_computation(family):
     assert set(result["nl_score"]) == {"merged", "e0"}
 
 
+def test_whole_model_nl_score_at_several_strengths_against_a_direct_computation(family):
+    _, base, experts = family
+    result = activation_diagnostics(experts[1], base, experts[:1], n_probes=3, probe_length=8, seed=3,
+                                    nl_layers=[], whole_alphas=[0.25, 0.75], progress=False)
+    ids = random_probes(96, 3, 8, seed=3)
+    base_state, expert_state = load(base).state_dict(), load(experts[0]).state_dict()
+
+    def output(scale: float) -> torch.Tensor:
+        model = load(base)
+        model.load_state_dict({n: t + scale * (expert_state[n] - t) for n, t in base_state.items()})
+        with torch.no_grad():
+            return model(ids).logits.double().flatten(1)
+
+    f0, f1 = output(0.0), output(1.0)
+    for alpha in (0.25, 0.75):
+        expected = ((output(alpha) - (f0 + alpha * (f1 - f0))).norm(dim=1) / (f1 - f0).norm(dim=1)).mean()
+        assert result["nl_score_whole"]["e0"][str(alpha)] == pytest.approx(float(expected), rel=1e-3)
+        assert result["nl_score_whole"]["e0"][str(alpha)] > 0
+    assert result["nl_score"] == {}
+    assert set(result["nl_score_whole"]) == {"merged", "e0"}
+
+
 def test_mismatched_architecture_is_refused(family, tmp_path):
     _, base, experts = family
     with pytest.raises(CompatibilityError, match="num_hidden_layers"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mergelab import zoo
@@ -152,3 +153,43 @@ def test_scf_table_reads_both_repetition_rates_per_pair_domain():
     rows = {row[0]: row for row in tab["rows"]}
     assert rows["SCF-RKL"][sampled] == 0.25 and rows["TA"][sampled] == 0.75 and rows["TA"][sampled - 1] == 1.0
     assert rows["TA"][header.index("GSM8K repetition %")] == 0.75
+
+
+def test_long_to_short_sweeps_ta_in_lambda_and_scores_the_task_vectors_nonlinearity(settings):
+    jobs, context = protocol_module("long-to-short", "smollm2").plan(settings)
+    by_label = {job.label: job for job in jobs}
+    for value in (0.25, 0.5, 0.75):
+        recipe = by_label[f"TA (λ={value})"].recipe
+        assert recipe["merge_method"] == "task_arithmetic" and recipe["parameters"] == {"lambda": value}
+    probed = [job.label for job in jobs if job.activations]
+    assert probed == ["reasoning"]
+    diagnostics = by_label["reasoning"].activations
+    assert Path(diagnostics["base"]).name == "short" and diagnostics["nl_layers"] is None
+    assert diagnostics["alpha"] == 0.5 and diagnostics["whole_alphas"] == [0.25, 0.5, 0.75]
+    assert {"TA (λ=0.25)", "TA (λ=0.75)"} <= set(context["methods"])
+
+
+def test_linearity_table_sets_each_lambda_beside_the_straight_line_between_the_parents():
+    from mergelab.study import l2s_linearity
+
+    def job(length: float, ppl: float) -> dict:
+        return {"eval": {"gsm8k": {"greedy": {"accuracy": 0.0, "mean_length": length}}},
+                "heldout": {"gsm8k": {"perplexity": {"perplexity": ppl}}}}
+
+    layer_scores = [0.5, 0.4, 0.45, 0.1, 0.2, 0.05]  # decreasing with a few swaps
+    results = {"short": job(4.0, 8.0), "TA (λ=0.25)": job(4.0, 7.0), "TA (λ=0.5)": job(5.0, 6.0),
+               "TA (λ=0.75)": job(60.0, 5.5), "reasoning": job(124.0, 5.0)}
+    results["reasoning"]["activations"] = {
+        "nl_score": {"merged": {str(i): s for i, s in enumerate(layer_scores)}},
+        "nl_score_whole": {"merged": {"0.25": 0.1, "0.5": 0.3, "0.75": 0.2}}}
+    analysis = l2s_linearity.analyse(results)
+    behaviour, per_layer = analysis["tables"]
+    rows = {row[1]: row for row in behaviour["rows"]}
+    assert [row[0] for row in behaviour["rows"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert rows["TA (λ=0.75)"][4] == pytest.approx(4.0 + 0.75 * 120.0) and rows["TA (λ=0.75)"][3] == 60.0
+    assert rows["TA (λ=0.5)"][6] == 0.3 and rows["short"][6] is None and rows["reasoning"][5] == 5.0
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    rho = np.corrcoef(ranks(np.arange(6.0)), ranks(np.array(layer_scores)))[0, 1]
+    assert f"Spearman correlation with the layer index {rho:+.2f}" in per_layer["note"]
+    assert f"Mean NL over the 6 layers {np.mean(layer_scores):.3f}" in per_layer["note"]
+    assert [row[1] for row in per_layer["rows"]] == layer_scores

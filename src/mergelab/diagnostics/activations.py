@@ -13,7 +13,9 @@ each layer, padding excluded):
 * the NL score per layer ([FIMMerging] eq. 19): with ``delta^l`` a task vector restricted to layer l and
   ``alpha = 0.5``, ``||f(theta0 + alpha delta^l) - [f(theta0) + alpha (f(theta0 + delta^l) - f(theta0))]||_2
   / ||f(theta0 + delta^l) - f(theta0)||_2`` with f the output logits of one probe sequence, averaged over
-  the probes; computed for each expert's task vector and for the merge's own update.
+  the probes; computed for each expert's task vector and for the merge's own update;
+* optionally the same score of the whole task vector at several strengths ``alpha`` ([FIMMerging] Figure 4,
+  middle): how far Task Arithmetic's output is from linear in its coefficient.
 
 Models are loaded one at a time; only the probe logits of the merged model are kept across models.
 """
@@ -125,6 +127,32 @@ def check_same_architecture(folders: Sequence[str | Path]) -> None:
 
 
 @torch.no_grad()
+def nl_score(base_model, deltas: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             alpha: float, base_logits: torch.Tensor) -> float:
+    """NL score ([FIMMerging] eq. 19) of one update ``deltas`` (parameter name -> tensor) added to the base at
+    strength ``alpha``, averaged over the probes; ``base_logits`` are the base's probe logits. The base's
+    parameters are restored afterwards."""
+    params = dict(base_model.named_parameters())
+    names = [n for n in deltas if n in params]
+    original = {n: params[n].detach().clone() for n in names}
+    outputs = []
+    try:
+        for scale in (1.0, alpha):
+            for n in names:
+                params[n].copy_(original[n] + scale * deltas[n].to(params[n]))
+            outputs.append(run_probes(base_model, input_ids, attention_mask)[0])
+    finally:
+        for n in names:
+            params[n].copy_(original[n])
+    f1, fa = (o.double().flatten(1) for o in outputs)
+    base_out = base_logits.double().flatten(1)
+    residual = torch.linalg.vector_norm(fa - (base_out + alpha * (f1 - base_out)), dim=1)
+    spread = torch.linalg.vector_norm(f1 - base_out, dim=1)
+    ratio = residual / spread
+    return float(ratio[spread > 0].mean()) if bool((spread > 0).any()) else math.nan
+
+
+@torch.no_grad()
 def nl_scores(
     base_model,
     layer_deltas: Callable[[int], dict[str, torch.Tensor]],
@@ -135,27 +163,18 @@ def nl_scores(
 ) -> dict[str, float]:
     """NL score ([FIMMerging] eq. 19) per layer of a task vector on the base; ``layer_deltas(l)`` gives the task
     vector's tensors of layer ``l`` (name -> tensor), so only one layer's delta is held at a time."""
-    params = dict(base_model.named_parameters())
     f0, _ = run_probes(base_model, input_ids, attention_mask)
-    scores = {}
-    for layer in layers:
-        deltas = layer_deltas(layer)
-        names = [n for n in deltas if n in params]
-        original = {n: params[n].detach().clone() for n in names}
-        outputs = []
-        for scale in (1.0, alpha):
-            for n in names:
-                params[n].copy_(original[n] + scale * deltas[n].to(params[n]))
-            outputs.append(run_probes(base_model, input_ids, attention_mask)[0])
-        for n in names:
-            params[n].copy_(original[n])
-        f1, fa = (o.double().flatten(1) for o in outputs)
-        base_out = f0.double().flatten(1)
-        residual = torch.linalg.vector_norm(fa - (base_out + alpha * (f1 - base_out)), dim=1)
-        spread = torch.linalg.vector_norm(f1 - base_out, dim=1)
-        ratio = residual / spread
-        scores[str(layer)] = float(ratio[spread > 0].mean()) if bool((spread > 0).any()) else math.nan
-    return scores
+    return {str(layer): nl_score(base_model, layer_deltas(layer), input_ids, attention_mask, alpha, f0)
+            for layer in layers}
+
+
+def whole_model_nl(base_model, deltas: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, alphas: Sequence[float]) -> dict[str, float]:
+    """The NL score of the whole task vector at each strength of ``alphas`` ([FIMMerging] Figure 4, middle:
+    how far Task Arithmetic's output at ``theta0 + alpha delta`` is from the linear interpolation of the
+    base's and the expert's outputs)."""
+    f0, _ = run_probes(base_model, input_ids, attention_mask)
+    return {str(alpha): nl_score(base_model, deltas, input_ids, attention_mask, alpha, f0) for alpha in alphas}
 
 
 def activation_diagnostics(
@@ -169,6 +188,7 @@ def activation_diagnostics(
     seed: int = 0,
     nl_layers: Sequence[int] | None = None,
     alpha: float = 0.5,
+    whole_alphas: Sequence[float] = (),
     rtol: float | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -176,7 +196,8 @@ def activation_diagnostics(
 ) -> dict[str, Any]:
     """All function-space diagnostics (see the module doc). Probes are ``n_probes`` random sequences of
     ``probe_length`` tokens, or ``prompts`` tokenised with the merged model's tokenizer (right padding,
-    truncated to ``probe_length``). ``nl_layers``: layers for the NL score (default all; [] skips it)."""
+    truncated to ``probe_length``). ``nl_layers``: layers for the NL score (default all; [] skips it);
+    ``whole_alphas``: strengths at which the whole task vector's NL score is also computed (none by default)."""
     folders = {"merged": merged, "base": base, **dict(zip(model_labels(experts), experts, strict=True))}
     check_same_architecture(list(folders.values()))
     config = open_model(merged).config
@@ -213,8 +234,9 @@ def activation_diagnostics(
         del model
 
     nl: dict[str, Any] = {}
+    whole: dict[str, Any] = {}
     layers = list(range(config["num_hidden_layers"])) if nl_layers is None else list(nl_layers)
-    if layers:
+    if layers or whole_alphas:
         base_model = load_causal_lm(base, device, dtype)
         base_reader = open_model(base)
         for label, folder in tqdm(
@@ -222,11 +244,16 @@ def activation_diagnostics(
         ):
             reader = open_model(folder)
 
-            def layer_deltas(layer: int, reader=reader) -> dict[str, torch.Tensor]:
+            def deltas(keep: Callable[[str], bool], reader=reader) -> dict[str, torch.Tensor]:
                 return {n: reader.get(n).double() - base_reader.get(n).double() for n in base_reader.names
-                        if layer_index(n) == layer}
+                        if keep(n)}
 
-            nl[label] = nl_scores(base_model, layer_deltas, input_ids, attention_mask, layers, alpha)
+            if layers:
+                nl[label] = nl_scores(base_model, lambda layer: deltas(lambda n: layer_index(n) == layer),
+                                      input_ids, attention_mask, layers, alpha)
+            if whole_alphas:
+                whole[label] = whole_model_nl(base_model, deltas(lambda n: True), input_ids, attention_mask,
+                                              whole_alphas)
     return {
         "probes": {
             "kind": "prompts" if prompts else "random",
@@ -237,5 +264,6 @@ def activation_diagnostics(
         },
         "models": per_model,
         "nl_score": nl,
-        "settings": {"alpha": alpha, "nl_layers": layers, "rtol": rtol},
+        "nl_score_whole": whole,
+        "settings": {"alpha": alpha, "nl_layers": layers, "whole_alphas": list(whole_alphas), "rtol": rtol},
     }

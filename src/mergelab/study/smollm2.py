@@ -22,7 +22,8 @@ score, and accuracy is shown where it is measured.
 Protocols (each a ``Protocol`` with the attributes ``mergelab.study.protocol`` expects):
 
 - ``long-to-short`` (FIM-Merging, Tables 2-4, Figure 2): ``short`` is the base, ``reasoning`` the one expert,
-  the methods of ``long_to_short.methods()``; with 30 decoder layers FIM's per-layer α takes 30 values.
+  the methods of ``long_to_short.methods()``; with 30 decoder layers FIM's per-layer α takes 30 values. Also TA
+  at more λ and the NL scores of ``reasoning − short`` (``l2s_linearity``: is TA linear in λ, section 3).
 - ``scf`` (SCF-RKL, Table 1 and Figure 1; Tables 3-4): the pairs ``complementary`` (reasoning + code) and
   ``strong_weak`` (reasoning + low_quality); SCF-RKL fuses the pair directly (M0 = the first), the baselines
   merge both task vectors against the base with the demo's recipes (``demo.recipes``), SCF-KL beside SCF-RKL.
@@ -146,19 +147,41 @@ def _repetition(result: dict[str, Any], domain: str) -> list[float]:
 
 
 def _l2s_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
+    from mergelab.study.l2s_linearity import nl_diagnostics, sweep_methods
     from mergelab.study.long_to_short import methods
 
     size = _size(settings)
     family = _family(settings, ["base", "short", "reasoning"])
     fields = measure(settings, ("gsm8k",), samples=size["samples"])
-    jobs = [Job(label=name, model=str(family / name), **fields) for name in ("base", "short", "reasoning")]
-    for label, (method, params) in methods().items():
+    jobs = [Job(label=name, model=str(family / name),
+                activations=nl_diagnostics(family) if name == "reasoning" else None, **fields)
+            for name in ("base", "short", "reasoning")]
+    merges = {**methods(), **sweep_methods()}
+    for label, (method, params) in merges.items():
         recipe = {"merge_method": method, "base_model": str(family / "short"),
                   "models": [{"model": str(family / "reasoning")}], "parameters": params, "seed": 0}
         jobs.append(Job(label=label, recipe=recipe, **fields))
     return jobs, {"family": str(family), "task": "gsm8k", "parents": ["base", "short", "reasoning"],
-                  "samples": size["samples"], "methods": list(methods()), "expert": "short",
+                  "samples": size["samples"], "methods": list(merges), "expert": "short",
                   "note": "Merges take short as the base and reasoning as the one expert."}
+
+
+def _l2s_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The tiny-lm protocol's tables (``long_to_short.analyse``), then TA's linearity in λ (F5)."""
+    from mergelab.study import l2s_linearity, long_to_short
+
+    analysis = long_to_short.analyse(context, results)
+    linearity = l2s_linearity.analyse(results, context["task"])
+    analysis["tables"] += linearity["tables"]
+    analysis["linearity"] = linearity["curves"]
+    return analysis
+
+
+def _l2s_figures(out: Path, analysis: dict[str, Any], command: str) -> list[tuple[str, str]]:
+    from mergelab.study import l2s_linearity, long_to_short
+
+    return (long_to_short.figures(out, analysis, command)
+            + l2s_linearity.figures(out, analysis["linearity"], command))
 
 
 # ---------------------------------------------------------------------------------------------- scf
@@ -365,17 +388,12 @@ def _wild_figures(out: Path, analysis: dict[str, Any], command: str) -> list[tup
     return [("figure3_smollm2.png", "mean score against n")]
 
 
-def _long_to_short() -> Protocol:
-    from mergelab.study import long_to_short
-
-    return Protocol(f"{long_to_short.TITLE} (smollm2)", long_to_short.PAPER, _l2s_plan, long_to_short.analyse,
-                    long_to_short.figures)
-
-
 class _Protocols(dict):
-    """Protocol name -> ``Protocol``, made on first use (long-to-short reuses the tiny-lm analysis)."""
+    """Protocol name -> ``Protocol``, made on first use (long-to-short extends the tiny-lm analysis)."""
 
     def __missing__(self, name: str) -> Protocol:
+        from mergelab.study import long_to_short
+
         made = {
             "scf": lambda: Protocol("SCF-RKL on SmolLM2-135M fine-tunes", cite(SCF_RKL, "Tables 1, 3-4, Figure 1"),
                                     _scf_plan, _scf_analyse, _scf_figures),
@@ -385,7 +403,8 @@ class _Protocols(dict):
             "in-the-wild": lambda: Protocol("In-the-wild merging of SmolLM2-135M fine-tunes",
                                             cite(IN_THE_WILD, "Tables 1-3, Figure 3"),
                                             _wild_plan, _wild_analyse, _wild_figures),
-            "long-to-short": _long_to_short,
+            "long-to-short": lambda: Protocol(f"{long_to_short.TITLE} (smollm2)", long_to_short.PAPER,
+                                              _l2s_plan, _l2s_analyse, _l2s_figures),
         }[name]()
         self[name] = made
         return made

@@ -1,0 +1,98 @@
+"""Is Task Arithmetic linear in its coefficient when a long reasoner is merged into a short model?
+
+FIM-Merging (004 in ``shared/papers``) builds on the claim (section 3, Proposition 1; appendix C, eq. 19 and
+Figure 4) that ``f(theta0 + lambda delta)`` is far from the linear interpolation ``f(theta0) + lambda (f(theta0 +
+delta) - f(theta0))`` in the long-to-short setting, most of all in the early layers. The smollm2 long-to-short
+protocol measures it two ways, with ``short`` as theta0 and ``reasoning - short`` as delta:
+
+- in behaviour: TA at ``SWEEP`` (besides the protocol's λ = 0.5), so that accuracy, response length and the
+  perplexity of the reference solutions are read at λ = 0, 0.25, 0.5, 0.75, 1 (the two ends are the parents)
+  and set beside the straight line between the ends;
+- in the output logits: the NL score of eq. 19 per layer at α = 0.5, and of the whole task vector at each λ of
+  the sweep (Figure 4, middle), on ``PROBES`` random token sequences (the probe shape FIM's α uses).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergelab.study.report import line_plot, table
+
+SWEEP = (0.25, 0.75)
+PROBES = {"n_probes": 8, "probe_length": 64, "seed": 42}
+STRENGTHS = (0.25, 0.5, 0.75)
+
+
+def sweep_methods() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Label -> (merge_method, parameters) of the TA sweep jobs (λ = 0.5 is the protocol's own TA job)."""
+    return {f"TA (λ={value})": ("task_arithmetic", {"lambda": value}) for value in SWEEP}
+
+
+def nl_diagnostics(family: Path) -> dict[str, Any]:
+    """``activation_diagnostics`` arguments for the ``reasoning`` job: its task vector against ``short``, NL per
+    layer at α = 0.5 and of the whole vector at ``STRENGTHS``."""
+    return {"base": str(family / "short"), "experts": [], **PROBES, "nl_layers": None, "alpha": 0.5,
+            "whole_alphas": list(STRENGTHS)}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: NL scores are continuous)."""
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = rank
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    n = len(x)
+    return 1.0 - 6.0 * sum((a - b) ** 2 for a, b in zip(rx, ry, strict=True)) / (n * (n * n - 1))
+
+
+def analyse(results: dict[str, dict[str, Any]], task: str = "gsm8k") -> dict[str, Any]:
+    """The two F5 tables and their curves from the protocol's results (labels ``short``, ``reasoning`` and
+    ``TA (λ=...)``)."""
+    points = [(0.0, "short"), *[(v, f"TA (λ={v})") for v in sorted((*SWEEP, 0.5))], (1.0, "reasoning")]
+    activations = results["reasoning"]["activations"]
+    whole = activations["nl_score_whole"]["merged"]
+    lengths = {label: results[label]["eval"][task]["greedy"]["mean_length"] for _, label in points}
+    ends = lengths["short"], lengths["reasoning"]
+    rows = []
+    for value, label in points:
+        figures = results[label]
+        rows.append([value, label, figures["eval"][task]["greedy"]["accuracy"], lengths[label],
+                     ends[0] + value * (ends[1] - ends[0]),
+                     figures["heldout"][task]["perplexity"]["perplexity"], whole.get(str(value))])
+    per_layer = activations["nl_score"]["merged"]
+    layers = sorted(per_layer, key=int)
+    scores = [per_layer[layer] for layer in layers]
+    third = max(1, len(scores) // 3)
+    note = (f"Mean NL over the {len(scores)} layers {sum(scores) / len(scores):.3f} (paper: 0.240 at 1.5B, 0.171 at "
+            f"7B); first third {sum(scores[:third]) / third:.3f}, last third {sum(scores[-third:]) / third:.3f}; "
+            f"Spearman correlation with the layer index {spearman([float(x) for x in layers], scores):+.2f} "
+            "(the paper: NL decreases from early to late layers, i.e. negative).")
+    tables = [
+        table("Task Arithmetic against λ between short (λ = 0) and reasoning (λ = 1): behaviour and the output's "
+              "distance from linear (section 3; appendix C, Figure 4 middle)",
+              ["λ", "model", "GSM8K acc %", "mean length (tokens)", "length if linear in λ",
+               "GSM8K-solution ppl", "NL score of λ·delta (whole model)"],
+              ["num", "text", "pct", "num", "num", "num", "num"], rows,
+              "NL score (eq. 19 with the whole task vector): ||f(θ0 + λδ) − [f(θ0) + λ(f(θ0 + δ) − f(θ0))]|| / "
+              "||f(θ0 + δ) − f(θ0)|| on 8 random token sequences of 64 tokens; 0 means linear."),
+        table("NL score per layer at α = 0.5 (eq. 19; appendix C, Figure 4 left)", ["layer", "NL score"],
+              ["text", "num"], [[layer, per_layer[layer]] for layer in layers], note),
+    ]
+    return {"tables": tables, "curves": {"lambda": [p[0] for p in points], "length": [r[3] for r in rows],
+                                         "linear": [r[4] for r in rows],
+                                         "layers": [int(x) for x in layers], "nl": scores}}
+
+
+def figures(out: Path, curves: dict[str, Any], command: str) -> list[tuple[str, str]]:
+    line_plot(out / "ta_length_vs_lambda.png", "TA between short and reasoning: response length against λ",
+              curves["lambda"], {"measured": curves["length"], "linear in λ": curves["linear"]}, "λ",
+              "mean GSM8K response length (tokens)", command, percent=False)
+    line_plot(out / "nl_score_per_layer.png", "NL score of reasoning − short per layer (α = 0.5)", curves["layers"],
+              {"NL score": curves["nl"]}, "layer", "NL score", command, percent=False)
+    return [("ta_length_vs_lambda.png", "TA's response length against λ"),
+            ("nl_score_per_layer.png", "NL score per layer")]
