@@ -35,6 +35,24 @@ def test_score_compares_the_final_number_as_a_decimal(text, right):
     assert GSM8K.score(text, Example("q", "18")) is right
 
 
+@pytest.mark.parametrize(("text", "formatted"), [("so #### 18", True), ("####-3", True), ("#### $5", True),
+                                                 ("The answer is 18", False), ("#### none", False), ("## 18", False)])
+def test_format_is_a_number_after_the_marker(text, formatted):
+    assert GSM8K.formatted(text) is formatted
+
+
+def test_greedy_figures_count_the_answers_in_the_format_and_only_for_a_task_with_one():
+    from mergelab.evaluation.generate import Generation
+    from mergelab.evaluation.runner import stability
+    from mergelab.tasks import TASKS, Example
+
+    gens = [Generation(text, (1, 2), False, 0.0) for text in ("#### 18", "18", "x #### 7", "#### 18")]
+    figures = stability(GSM8K, gens, [Example("q", "18")] * 4)
+    assert figures["format_rate"] == 0.75 and figures["accuracy"] == 0.75
+    task = next(iter(TASKS.values()))
+    assert "format_rate" not in stability(task, gens, [Example("q", "18")] * 4)
+
+
 def test_runner_resolves_gsm8k_by_name():
     assert resolve_tasks(["gsm8k"]) == [GSM8K]
 

@@ -102,7 +102,7 @@ def _result(ppl: dict[str, float], repetition: float = 0.0) -> dict:
     return {"heldout": {d: {"perplexity": {"perplexity": p}, "continuation": {"repetition_rate": 1.0},
                             "continuation_sampled": {"repetition_rate": repetition}} for d, p in ppl.items()},
             "eval": {"gsm8k": {"greedy": {"accuracy": 0.1, "mean_length": 100.0, "repetition_rate": repetition,
-                                          "distinct_2": 0.5}}}}
+                                          "distinct_2": 0.5, "format_rate": 1.0 - repetition}}}}
 
 
 def test_relative_perplexity_is_the_geometric_mean_of_the_ratios():
@@ -153,6 +153,7 @@ def test_scf_table_reads_both_repetition_rates_per_pair_domain():
     rows = {row[0]: row for row in tab["rows"]}
     assert rows["SCF-RKL"][sampled] == 0.25 and rows["TA"][sampled] == 0.75 and rows["TA"][sampled - 1] == 1.0
     assert rows["TA"][header.index("GSM8K repetition %")] == 0.75
+    assert rows["TA"][header.index("GSM8K answers in the #### format %")] == 0.25
 
 
 def test_long_to_short_sweeps_ta_in_lambda_and_scores_the_task_vectors_nonlinearity(settings):
@@ -193,3 +194,17 @@ def test_linearity_table_sets_each_lambda_beside_the_straight_line_between_the_p
     assert f"Spearman correlation with the layer index {rho:+.2f}" in per_layer["note"]
     assert f"Mean NL over the 6 layers {np.mean(layer_scores):.3f}" in per_layer["note"]
     assert [row[1] for row in per_layer["rows"]] == layer_scores
+
+
+def test_smollm2_long_to_short_tables_show_the_answer_format_and_end_with_the_linearity_tables(settings):
+    from mergelab.study import long_to_short
+
+    _, context = protocol_module("long-to-short", "smollm2").plan(settings)
+    results = {label: _result({"gsm8k": 6.0}, 0.25) for label in [*context["parents"], *context["methods"]]}
+    results["reasoning"]["activations"] = {"nl_score": {"merged": {"0": 0.3, "1": 0.1}},
+                                           "nl_score_whole": {"merged": {"0.25": 0.2, "0.5": 0.3, "0.75": 0.2}}}
+    analysis = smollm2.PROTOCOLS["long-to-short"].analyse(context, results)
+    main = analysis["tables"][0]
+    assert main["header"][-1] == "answers in the task's format %" and {r[-1] for r in main["rows"]} == {0.75}
+    assert len(analysis["tables"]) == len(long_to_short.analyse(context, results)["tables"]) + 2
+    assert analysis["tables"][-1]["title"].startswith("NL score per layer")

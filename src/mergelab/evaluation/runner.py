@@ -1,10 +1,10 @@
 """``evaluate``: accuracy, repetition, pass@k, self-consistency, length, entropy and perplexity of a model.
 
 For every task: a greedy pass (accuracy, repetition rate, seq-rep-4, mean response length in tokens, mean
-output entropy) and, with ``n_samples > 1``, a sampled pass (unbiased pass@k for k = 1, 2, 4, ... <= n,
-self-consistency majority vote over the n samples, and the same stability figures). Optionally perplexity
-and mean predictive entropy on held-out text. The results are a JSON-ready dict; ``format_table`` renders
-them for a terminal.
+output entropy, and the answer-format rate where the task defines one) and, with ``n_samples > 1``, a sampled
+pass (unbiased pass@k for k = 1, 2, 4, ... <= n, self-consistency majority vote over the n samples, and the
+same stability figures). Optionally perplexity and mean predictive entropy on held-out text. The results are a
+JSON-ready dict; ``format_table`` renders them for a terminal.
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ def resolve_tasks(tasks: Sequence[Any]) -> list[Any]:
 
 
 def stability(task, generations: Sequence[Generation], examples: Sequence[Any]) -> dict[str, float]:
-    """Accuracy and the stability figures of a flat list of generations aligned with ``examples``."""
-    return {
+    """Accuracy and the stability figures of a flat list of generations aligned with ``examples``, and the share
+    in the task's answer format ("format_rate") for a task that defines ``formatted(completion)`` (GSM8K)."""
+    figures = {
         "accuracy": metrics.mean([float(task.score(g.text, e)) for g, e in zip(generations, examples, strict=True)]),
         **generation_figures(generations),
     }
+    if hasattr(task, "formatted"):
+        figures["format_rate"] = metrics.mean([float(task.formatted(g.text)) for g in generations])
+    return figures
 
 
 def generation_figures(generations: Sequence[Generation]) -> dict[str, float]:
@@ -224,7 +228,8 @@ def evaluate(
 
 def format_table(results: dict[str, Any]) -> str:
     """A fixed-width table of the headline figures: one row per task and pass."""
-    header = ["task", "pass", "n", "acc", "rep", "seq-rep-4", "len", "entropy", "pass@1", "pass@n", "maj@n"]
+    header = ["task", "pass", "n", "acc", "format", "rep", "seq-rep-4", "len", "entropy", "pass@1", "pass@n",
+              "maj@n"]
     rows = [header]
     for name, task in results["tasks"].items():
         for label in ("greedy", "sampled"):
@@ -239,6 +244,7 @@ def format_table(results: dict[str, Any]) -> str:
                     label,
                     str(task["n_items"]),
                     _fmt(f["accuracy"]),
+                    _fmt(f.get("format_rate")),
                     _fmt(f["repetition_rate"]),
                     _fmt(f["seq_rep_4"]),
                     f"{f['mean_length']:.1f}",

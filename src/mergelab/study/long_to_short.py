@@ -64,12 +64,15 @@ def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict
     rows_order = [*context.get("parents", PARENTS), *context["methods"]]
     n = context["samples"]
     ks = sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+    # the answer-format rate where the task defines a format (GSM8K's "#### N"; tiny-lm's tasks have none)
+    formats = any("format_rate" in results[label]["eval"][task]["greedy"] for label in rows_order)
     main, consistency = [], []
     for label in rows_order:
         figures = results[label]["eval"][task]
         greedy, sampled = figures["greedy"], figures.get("sampled", {})
         unchanged = results[label].get("merge", {}).get("unchanged_from_base")
-        main.append([label, greedy["accuracy"], greedy["mean_length"], greedy["repetition_rate"], unchanged])
+        main.append([label, greedy["accuracy"], greedy["mean_length"], greedy["repetition_rate"], unchanged,
+                     *([greedy.get("format_rate")] if formats else [])])
         consistency.append([label, *[sampled.get(f"self_consistency@{k}") for k in ks]])
     alphas = {label: results[label]["merge"]["prepare"] for label in context["methods"]
               if "prepare" in results[label].get("merge", {})}
@@ -78,8 +81,9 @@ def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict
                   for i, layer in enumerate(layers)]
     tables = [
         table("Final-answer accuracy and response length (greedy; the paper's Tables 2-3)",
-              ["model", "accuracy %", "mean length (tokens)", "repetition %", f"unchanged from {expert} %"],
-              ["text", "pct", "num", "pct", "pct"], main,
+              ["model", "accuracy %", "mean length (tokens)", "repetition %", f"unchanged from {expert} %",
+               *(["answers in the task's format %"] if formats else [])],
+              ["text", "pct", "num", "pct", "pct", *(["pct"] if formats else [])], main,
               context.get("note", "Merges take arith_short as the base and arith_long as the one expert.")),
         table(f"Self-consistency at temperature 0.3 (Table 4): majority vote over the first k of {n} samples",
               ["model", *[f"SC@{k} %" for k in ks]], ["text", *["pct"] * len(ks)], consistency),

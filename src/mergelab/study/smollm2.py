@@ -134,7 +134,8 @@ def relative_perplexity(result: dict[str, Any], base: dict[str, Any], domains: l
 
 def _gsm8k_cells(result: dict[str, Any]) -> list[Any]:
     greedy = result["eval"]["gsm8k"]["greedy"]
-    return [greedy["accuracy"], greedy["mean_length"], greedy["repetition_rate"], greedy["distinct_2"]]
+    return [greedy["accuracy"], greedy["mean_length"], greedy["repetition_rate"], greedy["distinct_2"],
+            greedy.get("format_rate")]
 
 
 def _repetition(result: dict[str, Any], domain: str) -> list[float]:
@@ -223,11 +224,11 @@ def _scf_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) ->
         tables.append(table(
             f"{pair} pair ({first} + {second}): GSM8K and held-out text (Table 1; Tables 3-4 for strong-weak)",
             ["model", "GSM8K acc %", "GSM8K length", "GSM8K repetition %", "GSM8K distinct-2",
-             *[f"{d} ppl" for d in domains],
+             "GSM8K answers in the #### format %", *[f"{d} ppl" for d in domains],
              *[f"{d} {kind} continuation repetition %" for d in domains for kind in ("greedy", "sampled")],
              "relative ppl (5 domains)", "unchanged from the recipe's base %"],
-            ["text", "pct", "num", "pct", "num", *["num"] * len(domains), *["pct"] * (2 * len(domains)), "num",
-             "pct"],
+            ["text", "pct", "num", "pct", "num", "pct", *["num"] * len(domains), *["pct"] * (2 * len(domains)),
+             "num", "pct"],
             rows, f"SCF-RKL fuses the pair directly (M0 = {first}, the recipe's base); the baselines merge both "
                   "task vectors into the zoo base. Repetition: generations that hit the token limit in a loop "
                   "(metrics.is_repetitive), the quantity of the paper's Figure 1: GSM8K answers (greedy, chat) and "
