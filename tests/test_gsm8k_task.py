@@ -38,7 +38,9 @@ def test_score_compares_the_final_number_as_a_decimal(text, right):
 @pytest.mark.parametrize(("text", "formatted"), [("so #### 18", True), ("####-3", True), ("#### $5", True),
                                                  ("The answer is 18", False), ("#### none", False), ("## 18", False)])
 def test_format_is_a_number_after_the_marker(text, formatted):
-    assert GSM8K.formatted(text) is formatted
+    from mergelab.evaluation import answer_format
+
+    assert answer_format.formatted("gsm8k", text) is formatted
 
 
 def test_greedy_figures_count_the_answers_in_the_format_and_only_for_a_task_with_one():

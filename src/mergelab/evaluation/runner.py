@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.errors import MergelabError
-from mergelab.evaluation import metrics
+from mergelab.evaluation import answer_format, metrics
 from mergelab.evaluation.generate import Generation, generate, load_model
 
 
@@ -42,13 +42,14 @@ def resolve_tasks(tasks: Sequence[Any]) -> list[Any]:
 
 def stability(task, generations: Sequence[Generation], examples: Sequence[Any]) -> dict[str, float]:
     """Accuracy and the stability figures of a flat list of generations aligned with ``examples``, and the share
-    in the task's answer format ("format_rate") for a task that defines ``formatted(completion)`` (GSM8K)."""
+    in the task's answer format ("format_rate") for a task that has one (``answer_format.FORMATS``: GSM8K)."""
     figures = {
         "accuracy": metrics.mean([float(task.score(g.text, e)) for g, e in zip(generations, examples, strict=True)]),
         **generation_figures(generations),
     }
-    if hasattr(task, "formatted"):
-        figures["format_rate"] = metrics.mean([float(task.formatted(g.text)) for g in generations])
+    if answer_format.has_format(task.name):
+        figures["format_rate"] = metrics.mean([float(answer_format.formatted(task.name, g.text))
+                                               for g in generations])
     return figures
 
 
