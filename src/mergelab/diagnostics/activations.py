@@ -14,8 +14,8 @@ each layer, padding excluded):
   ``alpha = 0.5``, ``||f(theta0 + alpha delta^l) - [f(theta0) + alpha (f(theta0 + delta^l) - f(theta0))]||_2
   / ||f(theta0 + delta^l) - f(theta0)||_2`` with f the output logits of one probe sequence, averaged over
   the probes; computed for each expert's task vector and for the merge's own update;
-* optionally the same score of the whole task vector at several strengths ``alpha`` ([FIMMerging] Figure 4,
-  middle): how far Task Arithmetic's output is from linear in its coefficient.
+* optionally the same score of the whole task vector at several strengths ``alpha``: how far Task
+  Arithmetic's output is from linear in its coefficient.
 
 Models are loaded one at a time; only the probe logits of the merged model are kept across models.
 """
@@ -170,9 +170,9 @@ def nl_scores(
 
 def whole_model_nl(base_model, deltas: dict[str, torch.Tensor], input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, alphas: Sequence[float]) -> dict[str, float]:
-    """The NL score of the whole task vector at each strength of ``alphas`` ([FIMMerging] Figure 4, middle:
-    how far Task Arithmetic's output at ``theta0 + alpha delta`` is from the linear interpolation of the
-    base's and the expert's outputs)."""
+    """The NL score ([FIMMerging] eq. 19) of the whole task vector at each strength of ``alphas``: how far Task
+    Arithmetic's output at ``theta0 + alpha delta`` is from the linear interpolation of the base's and the
+    expert's outputs."""
     f0, _ = run_probes(base_model, input_ids, attention_mask)
     return {str(alpha): nl_score(base_model, deltas, input_ids, attention_mask, alpha, f0) for alpha in alphas}
 

@@ -8,8 +8,9 @@ protocol measures it two ways, with ``short`` as theta0 and ``reasoning - short`
 - in behaviour: TA at ``SWEEP`` (besides the protocol's λ = 0.5), so that accuracy, response length and the
   perplexity of the reference solutions are read at λ = 0, 0.25, 0.5, 0.75, 1 (the two ends are the parents)
   and set beside the straight line between the ends;
-- in the output logits: the NL score of eq. 19 per layer at α = 0.5, and of the whole task vector at each λ of
-  the sweep (Figure 4, middle), on ``PROBES`` random token sequences (the probe shape FIM's α uses).
+- in the output logits: the NL score of eq. 19 per layer at α = 0.5 (Figure 4, left), and the same score of the
+  whole task vector at α = each λ of the sweep, on ``PROBES`` random token sequences (the probe shape FIM's α
+  uses). (The paper's Figure 4, middle, varies the scale of delta instead; not measured here.)
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def analyse(results: dict[str, dict[str, Any]], task: str = "gsm8k") -> dict[str
             "(the paper: NL decreases from early to late layers, i.e. negative).")
     tables = [
         table("Task Arithmetic against λ between short (λ = 0) and reasoning (λ = 1): behaviour and the output's "
-              "distance from linear (section 3; appendix C, Figure 4 middle)",
+              "distance from linear (section 3; eq. 19 with the whole task vector)",
               ["λ", "model", "GSM8K acc %", "mean length (tokens)", "length if linear in λ",
-               "GSM8K-solution ppl", "NL score of λ·delta (whole model)"],
+               "GSM8K-solution ppl", "NL score at α = λ (whole task vector)"],
               ["num", "text", "pct", "num", "num", "num", "num"], rows,
               "NL score (eq. 19 with the whole task vector): ||f(θ0 + λδ) − [f(θ0) + λ(f(θ0 + δ) − f(θ0))]|| / "
               "||f(θ0 + δ) − f(θ0)|| on 8 random token sequences of 64 tokens; 0 means linear."),
