@@ -208,3 +208,41 @@ def test_smollm2_long_to_short_tables_show_the_answer_format_and_end_with_the_li
     assert main["header"][-1] == "answers in the task's format %" and {r[-1] for r in main["rows"]} == {0.75}
     assert len(analysis["tables"]) == len(long_to_short.analyse(context, results)["tables"]) + 2
     assert analysis["tables"][-1]["title"].startswith("NL score per layer")
+
+
+def test_smollm2_arith_runs_tiny_lms_long_to_short_jobs_on_its_pair_with_the_linearity_probes(monkeypatch):
+    from mergelab.errors import MergelabError
+    from mergelab.study import long_to_short
+
+    asked = []
+    monkeypatch.setattr(zoo, "require", lambda family, size, names, *args: asked.append(family) or FOLDER)
+    settings = StudySettings(quick=True, zoo="smollm2-arith", progress=False)
+    jobs, context = protocol_module("long-to-short", "smollm2-arith").plan(settings)
+    assert asked == ["smollm2-arith"] and settings.size() == "full"
+    by_label = {job.label: job for job in jobs}
+    assert {job.label for job in jobs if job.model} == {"base", "arith_short", "arith_long"}
+    assert Path(by_label["arith_long"].activations["base"]).name == "arith_short"
+    for value in (0.25, 0.5, 0.75):
+        recipe = by_label[f"TA (λ={value})"].recipe
+        assert recipe["parameters"] == {"lambda": value} and Path(recipe["base_model"]).name == "arith_short"
+        assert _models(recipe) == ["arith_long"] and by_label[f"TA (λ={value})"].tasks == [long_to_short.TASK]
+    assert [j.label for j in jobs if j.label in long_to_short.methods()] == list(long_to_short.methods())
+    with pytest.raises(MergelabError, match="only the long-to-short pair"):
+        protocol_module("scf", "smollm2-arith")
+
+
+def test_smollm2_arith_linearity_table_has_no_perplexity_column():
+    from mergelab.study import smollm2_arith
+
+    def job(length: float) -> dict:
+        return {"eval": {"arith_long": {"greedy": {"accuracy": 0.5, "mean_length": length, "repetition_rate": 0.0},
+                                        "sampled": {}}}}
+
+    labels = ["base", "arith_short", "arith_long", "TA (λ=0.25)", "TA (λ=0.5)", "TA (λ=0.75)"]
+    results = {label: job(3.0 + i) for i, label in enumerate(labels)}
+    results["arith_long"]["activations"] = {"nl_score": {"merged": {"0": 0.2, "1": 0.1}},
+                                            "nl_score_whole": {"merged": {"0.5": 0.1}}}
+    context = {"samples": 1, "methods": labels[3:]}
+    behaviour = smollm2_arith.analyse(context, results)["tables"][-2]
+    assert behaviour["header"][-2:] == ["length if linear in λ", "NL score at α = λ (whole task vector)"]
+    assert [row[1] for row in behaviour["rows"]] == ["arith_short", *labels[3:], "arith_long"]

@@ -45,8 +45,8 @@ def plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
     from mergelab import zoo
 
     size = SIZES["quick" if settings.quick else "full"]
-    family = zoo.require("tiny-lm", settings.size(), list(PARENTS), settings.build_zoo, settings.device,
-                         settings.progress)
+    family = zoo.require(settings.zoo, settings.size(), list(PARENTS), settings.build_zoo, settings.device,
+                         settings.progress)  # tiny-lm, or smollm2-arith (the same member names)
     evaluation = {"tasks": [TASK], "n_items": size["n_items"], "n_samples": size["samples"],
                   "eval_options": {"temperature": 0.3, "seed": 0, "batch_size": 64}}
     jobs = [Job(label=name, model=str(family / name), **evaluation) for name in PARENTS]

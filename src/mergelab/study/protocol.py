@@ -43,12 +43,13 @@ PROTOCOLS = {
 
 
 
-ZOOS = ("tiny-lm", "smollm2")
+ZOOS = ("tiny-lm", "smollm2", "smollm2-arith")
 
 
 def protocol_module(name: str, zoo: str = "tiny-lm"):
     """The module that plans protocol ``name`` on ``zoo``: ``PROTOCOLS[name]`` for tiny-lm (with vision where
-    the paper has a vision setting), ``mergelab.study.smollm2``'s protocol object for smollm2."""
+    the paper has a vision setting), ``mergelab.study.smollm2``'s protocol object for smollm2, and
+    ``mergelab.study.smollm2_arith`` for long-to-short on smollm2-arith."""
     if name not in PROTOCOLS:
         raise MergelabError(f"Unknown study protocol {name!r}; valid protocols are: {', '.join(PROTOCOLS)}.")
     if zoo not in ZOOS:
@@ -57,6 +58,13 @@ def protocol_module(name: str, zoo: str = "tiny-lm"):
         from mergelab.study.smollm2 import protocol
 
         return protocol(name)
+    if zoo == "smollm2-arith":
+        if name != "long-to-short":
+            raise MergelabError(f"The smollm2-arith zoo holds only the long-to-short pair; run protocol {name!r} "
+                                "with --zoo smollm2 or --zoo tiny-lm.")
+        from mergelab.study import smollm2_arith
+
+        return smollm2_arith
     return importlib.import_module(PROTOCOLS[name])
 
 

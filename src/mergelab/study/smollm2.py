@@ -169,20 +169,9 @@ def _l2s_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
 
 def _l2s_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The tiny-lm protocol's tables (``long_to_short.analyse``), then TA's linearity in λ (F5)."""
-    from mergelab.study import l2s_linearity, long_to_short
+    from mergelab.study import l2s_linearity
 
-    analysis = long_to_short.analyse(context, results)
-    linearity = l2s_linearity.analyse(results, context["task"])
-    analysis["tables"] += linearity["tables"]
-    analysis["linearity"] = linearity["curves"]
-    return analysis
-
-
-def _l2s_figures(out: Path, analysis: dict[str, Any], command: str) -> list[tuple[str, str]]:
-    from mergelab.study import l2s_linearity, long_to_short
-
-    return (long_to_short.figures(out, analysis, command)
-            + l2s_linearity.figures(out, analysis["linearity"], command))
+    return l2s_linearity.protocol_analysis(context, results, "short", "reasoning")
 
 
 # ---------------------------------------------------------------------------------------------- scf
@@ -393,7 +382,7 @@ class _Protocols(dict):
     """Protocol name -> ``Protocol``, made on first use (long-to-short extends the tiny-lm analysis)."""
 
     def __missing__(self, name: str) -> Protocol:
-        from mergelab.study import long_to_short
+        from mergelab.study import l2s_linearity, long_to_short
 
         made = {
             "scf": lambda: Protocol("SCF-RKL on SmolLM2-135M fine-tunes", cite(SCF_RKL, "Tables 1, 3-4, Figure 1"),
@@ -405,7 +394,7 @@ class _Protocols(dict):
                                             cite(IN_THE_WILD, "Tables 1-3, Figure 3"),
                                             _wild_plan, _wild_analyse, _wild_figures),
             "long-to-short": lambda: Protocol(f"{long_to_short.TITLE} (smollm2)", long_to_short.PAPER,
-                                              _l2s_plan, _l2s_analyse, _l2s_figures),
+                                              _l2s_plan, _l2s_analyse, l2s_linearity.protocol_figures),
         }[name]()
         self[name] = made
         return made

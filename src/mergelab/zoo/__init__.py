@@ -18,6 +18,7 @@ from mergelab.zoo.builder import FamilyPlan, build_plan, default_root, stale_mem
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiny-lm": ("mergelab.zoo.tinylm", ("test", "demo", "full")),
     "smollm2": ("mergelab.zoo.smollm2", ("test", "full")),
+    "smollm2-arith": ("mergelab.zoo.smollm2_arith", ("test", "full")),
     "vision": ("mergelab.zoo.vision", ("test", "full")),
 }
 
