@@ -9,8 +9,9 @@ Answer: 30``), ``arith_short`` one on the direct answer (`` Answer: 30``) of the
 ``train`` items only (``split_of``), as plain text without the chat template (the tiny-lm protocol's prompts),
 every weight but the tied embedding / LM head, with ``tinylm``'s supervised batches and optimiser; each is
 scored at build time on held-out items, the base on the same items (the two tasks share prompts, answers and
-scorer, so the record's two entries hold the same figures: one would do, a change left for the next rebuild). Member names equal tiny-lm's,
-so ``mergelab study long-to-short --zoo smollm2-arith`` runs tiny-lm's protocol on these models.
+scorer, so the record's two entries hold the same figures: one would do, a change left for the next rebuild).
+Member names equal tiny-lm's, so ``mergelab study long-to-short --zoo smollm2-arith`` runs tiny-lm's protocol
+on these models.
 
 Its own family (not members of ``smollm2``): the members' cache key hashes their family's code, so adding them
 to ``smollm2`` would rebuild that whole family.
