@@ -13,11 +13,6 @@ import re
 FORMATS = {"gsm8k": re.compile(r"####[ \t]*\$?-?\d")}
 
 
-def has_format(task_name: str) -> bool:
-    """Whether task ``task_name`` has an answer format to check."""
-    return task_name in FORMATS
-
-
 def formatted(task_name: str, completion: str) -> bool:
     """Whether ``completion`` holds an answer in the format of task ``task_name`` (which must have one)."""
     return FORMATS[task_name].search(completion) is not None

@@ -47,7 +47,7 @@ def stability(task, generations: Sequence[Generation], examples: Sequence[Any]) 
         "accuracy": metrics.mean([float(task.score(g.text, e)) for g, e in zip(generations, examples, strict=True)]),
         **generation_figures(generations),
     }
-    if answer_format.has_format(task.name):
+    if task.name in answer_format.FORMATS:
         figures["format_rate"] = metrics.mean([float(answer_format.formatted(task.name, g.text))
                                                for g in generations])
     return figures

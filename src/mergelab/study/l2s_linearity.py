@@ -16,9 +16,11 @@ protocol measures it two ways, with ``short`` as theta0 and ``reasoning - short`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from mergelab.study.jobs import Job
 from mergelab.study.report import line_plot, table
 
 SWEEP = (0.25, 0.75)
@@ -26,16 +28,20 @@ PROBES = {"n_probes": 8, "probe_length": 64, "seed": 42}
 STRENGTHS = (0.25, 0.5, 0.75)
 
 
-def sweep_methods() -> dict[str, tuple[str, dict[str, Any]]]:
-    """Label -> (merge_method, parameters) of the TA sweep jobs (λ = 0.5 is the protocol's own TA job)."""
-    return {f"TA (λ={value})": ("task_arithmetic", {"lambda": value}) for value in SWEEP}
-
-
-def nl_diagnostics(family: Path, short: str = "short") -> dict[str, Any]:
-    """``activation_diagnostics`` arguments for the long model's job: its task vector against member ``short``,
-    NL per layer at α = 0.5 and of the whole vector at ``STRENGTHS``."""
-    return {"base": str(family / short), "experts": [], **PROBES, "nl_layers": None, "alpha": 0.5,
-            "whole_alphas": list(STRENGTHS)}
+def with_linearity_jobs(jobs: list[Job], context: dict[str, Any], short: str,
+                        long: str) -> tuple[list[Job], dict[str, Any]]:
+    """A long-to-short plan (its jobs and context) with the linearity measurements added: the NL probes on the
+    long model's job (its task vector against member ``short``, per layer at α = 0.5 and whole at
+    ``STRENGTHS``), and copies of the plan's TA job at each λ of ``SWEEP`` (its λ = 0.5 job is the middle
+    point), appended to the context's methods."""
+    family = Path(context["family"])
+    probes = {"base": str(family / short), "experts": [], **PROBES, "nl_layers": None, "alpha": 0.5,
+              "whole_alphas": list(STRENGTHS)}
+    jobs = [dataclasses.replace(job, activations=probes) if job.label == long else job for job in jobs]
+    ta = next(job for job in jobs if job.recipe and job.recipe["merge_method"] == "task_arithmetic")
+    sweep = [dataclasses.replace(ta, label=f"TA (λ={value})", recipe={**ta.recipe, "parameters": {"lambda": value}})
+             for value in SWEEP]
+    return [*jobs, *sweep], {**context, "methods": [*context["methods"], *(job.label for job in sweep)]}
 
 
 def spearman(x: list[float], y: list[float]) -> float:

@@ -148,23 +148,21 @@ def _repetition(result: dict[str, Any], domain: str) -> list[float]:
 
 
 def _l2s_plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
-    from mergelab.study.l2s_linearity import nl_diagnostics, sweep_methods
+    from mergelab.study.l2s_linearity import with_linearity_jobs
     from mergelab.study.long_to_short import methods
 
     size = _size(settings)
     family = _family(settings, ["base", "short", "reasoning"])
     fields = measure(settings, ("gsm8k",), samples=size["samples"])
-    jobs = [Job(label=name, model=str(family / name),
-                activations=nl_diagnostics(family) if name == "reasoning" else None, **fields)
-            for name in ("base", "short", "reasoning")]
-    merges = {**methods(), **sweep_methods()}
-    for label, (method, params) in merges.items():
+    jobs = [Job(label=name, model=str(family / name), **fields) for name in ("base", "short", "reasoning")]
+    for label, (method, params) in methods().items():
         recipe = {"merge_method": method, "base_model": str(family / "short"),
                   "models": [{"model": str(family / "reasoning")}], "parameters": params, "seed": 0}
         jobs.append(Job(label=label, recipe=recipe, **fields))
-    return jobs, {"family": str(family), "task": "gsm8k", "parents": ["base", "short", "reasoning"],
-                  "samples": size["samples"], "methods": list(merges), "expert": "short",
-                  "note": "Merges take short as the base and reasoning as the one expert."}
+    return with_linearity_jobs(jobs, {
+        "family": str(family), "task": "gsm8k", "parents": ["base", "short", "reasoning"], "samples": size["samples"],
+        "methods": list(methods()), "expert": "short",
+        "note": "Merges take short as the base and reasoning as the one expert."}, "short", "reasoning")
 
 
 def _l2s_analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:

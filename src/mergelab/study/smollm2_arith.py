@@ -10,8 +10,6 @@ arith_short``; the analysis is tiny-lm's tables followed by the linearity tables
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 from mergelab.study import l2s_linearity, long_to_short
@@ -24,16 +22,7 @@ SHORT, LONG = "arith_short", "arith_long"
 
 
 def plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
-    jobs, context = long_to_short.plan(settings)
-    family = Path(context["family"])
-    probes = l2s_linearity.nl_diagnostics(family, SHORT)
-    jobs = [dataclasses.replace(job, activations=probes) if job.label == LONG else job for job in jobs]
-    template = next(job for job in jobs if job.recipe and job.recipe["merge_method"] == "task_arithmetic")
-    for label, (method, params) in l2s_linearity.sweep_methods().items():
-        jobs.append(dataclasses.replace(template, label=label,
-                                        recipe={**template.recipe, "merge_method": method, "parameters": params}))
-    context["methods"] = [*context["methods"], *l2s_linearity.sweep_methods()]
-    return jobs, context
+    return l2s_linearity.with_linearity_jobs(*long_to_short.plan(settings), SHORT, LONG)
 
 
 def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
