@@ -277,6 +277,27 @@ def test_protocol_invariants(study):
     assert by_label["vision/merge/SCF-RKL (mean rule)"].recipe["parameters"] == {"multi_expert": "mean"}
 
 
+def test_a_plan_with_the_safety_pair_only_gets_its_tables_and_no_vision(study):
+    """The analysis of one pair (as ``--zoo smollm2-arith`` plans it): the same tables for that pair as in the
+    full protocol, the figures drawn for it, and no vision table."""
+    _, results = study
+    context = {**results["context"], "pairs": {"safety": results["context"]["pairs"]["safety"]}}
+    del context["vision"]
+    alone, full = scf.analyse(context, results["jobs"]), results["analysis"]
+    titles = [t["title"] for t in alone["tables"]]
+    assert len(titles) == 8 and not any("Vision" in t for t in titles)
+    assert alone["tables"][0] == full["tables"][2]  # the safety pair's Figures 9-10 table
+    assert alone["tables"][-1] == full["tables"][9]  # layer blocking
+    # repetition, provenance, rotation (2), KL and α sweep: the full tables' safety rows and columns
+    for mine, theirs in zip(alone["tables"][1:-1], full["tables"][3:9], strict=True):
+        columns = [theirs["header"].index(h) for h in mine["header"]]
+        rows = [r for r in theirs["rows"] if theirs["header"][0] != "pair" or r[0] == "safety"]
+        assert mine["rows"] == [[r[i] for i in columns] for r in rows], mine["title"]
+    provenance = next(p for p in alone["plots"] if p["file"] == "provenance.png")
+    assert provenance["title"] == "Parameter provenance, safety pair (Figure 7)"
+    assert not any(p["file"] == "vision.png" for p in alone["plots"])
+
+
 # ---------------------------------------------------------------------------------------------- unit tests
 
 

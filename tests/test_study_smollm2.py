@@ -227,8 +227,33 @@ def test_smollm2_arith_runs_tiny_lms_long_to_short_jobs_on_its_pair_with_the_lin
         assert recipe["parameters"] == {"lambda": value} and Path(recipe["base_model"]).name == "arith_short"
         assert _models(recipe) == ["arith_long"] and by_label[f"TA (λ={value})"].tasks == [long_to_short.TASK]
     assert [j.label for j in jobs if j.label in long_to_short.methods()] == list(long_to_short.methods())
-    with pytest.raises(MergelabError, match="only the long-to-short pair"):
-        protocol_module("scf", "smollm2-arith")
+    with pytest.raises(MergelabError, match="the long-to-short and the safety pair only"):
+        protocol_module("karcher", "smollm2-arith")
+
+
+def test_smollm2_arith_scf_fuses_the_refusal_model_into_the_arithmetic_model(monkeypatch):
+    """Section 5.3's setting: the reasoning model (arith_long) is M0, the safety model (refusal) M1; scored on
+    both skills with the generations kept for the refusal split; no other pair, no vision."""
+    from mergelab.study import scf_pairs
+
+    asked = []
+    monkeypatch.setattr(zoo, "require", lambda family, size, names, *args: asked.append((family, names)) or FOLDER)
+    jobs, context = protocol_module("scf", "smollm2-arith").plan(
+        StudySettings(quick=True, zoo="smollm2-arith", progress=False))
+    assert asked == [("smollm2-arith", ["arith_long", "base", "refusal"])]
+    assert list(context["pairs"]) == ["safety"] and "vision" not in context
+    ctx = context["pairs"]["safety"]
+    assert ctx["pair"] == ["arith_long", "refusal"] and ctx["tasks"] == ["arith_long", "refusal"]
+    by_label = {job.label: job for job in jobs}
+    alphas = scf_pairs.SIZES["quick"]["alphas"]
+    assert len(jobs) == 3 + 6 + 1 + 1 + (len(alphas) - 1) + 2  # parents, methods, SCF-KL, gap, sweep, blocking
+    scf = by_label["safety/SCF-RKL"].recipe
+    assert Path(scf["base_model"]).name == "arith_long" and _models(scf) == ["refusal"]
+    ta = by_label["safety/TA"].recipe
+    assert Path(ta["base_model"]).name == "base" and _models(ta) == ["arith_long", "refusal"]
+    assert all(job.eval_options["keep_generations"] for job in jobs if job.tasks)
+    assert [task for task, _ in context["blocking"]] == ["refusal", "arith_long"]
+    assert {Path(by_label[label].blocking["base"]).name for _, label in context["blocking"]} == {"arith_long"}
 
 
 def test_smollm2_arith_linearity_table_has_no_perplexity_column():
@@ -243,6 +268,6 @@ def test_smollm2_arith_linearity_table_has_no_perplexity_column():
     results["arith_long"]["activations"] = {"nl_score": {"merged": {"0": 0.2, "1": 0.1}},
                                             "nl_score_whole": {"merged": {"0.5": 0.1}}}
     context = {"samples": 1, "methods": labels[3:]}
-    behaviour = smollm2_arith.analyse(context, results)["tables"][-2]
+    behaviour = smollm2_arith.PROTOCOLS["long-to-short"].analyse(context, results)["tables"][-2]
     assert behaviour["header"][-2:] == ["length if linear in λ", "NL score at α = λ (whole task vector)"]
     assert [row[1] for row in behaviour["rows"]] == ["arith_short", *labels[3:], "arith_long"]

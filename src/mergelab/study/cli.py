@@ -59,7 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="the minutes-long variant (fewer subsets, items, sweeps)")
     p.add_argument("--zoo", default="tiny-lm", choices=["tiny-lm", "smollm2", "smollm2-arith"],
                    help="language-model family: tiny-lm (default; with vision), smollm2 (SmolLM2-135M fine-tunes) "
-                   "or smollm2-arith (long-to-short only: a SmolLM2-135M arithmetic pair)")
+                   "or smollm2-arith (long-to-short and scf's safety pair: SmolLM2-135M arithmetic and refusal "
+                   "fine-tunes)")
     p.add_argument("--zoo-size", default=None, help="zoo size of the members (default: demo with --quick on tiny-lm, "
                    "else full)")
     p.add_argument("--build-zoo", action="store_true", help="build missing zoo members instead of stopping")

@@ -49,7 +49,7 @@ ZOOS = ("tiny-lm", "smollm2", "smollm2-arith")
 def protocol_module(name: str, zoo: str = "tiny-lm"):
     """The module that plans protocol ``name`` on ``zoo``: ``PROTOCOLS[name]`` for tiny-lm (with vision where
     the paper has a vision setting), ``mergelab.study.smollm2``'s protocol object for smollm2, and
-    ``mergelab.study.smollm2_arith`` for long-to-short on smollm2-arith."""
+    ``mergelab.study.smollm2_arith``'s for long-to-short and scf on smollm2-arith."""
     if name not in PROTOCOLS:
         raise MergelabError(f"Unknown study protocol {name!r}; valid protocols are: {', '.join(PROTOCOLS)}.")
     if zoo not in ZOOS:
@@ -59,12 +59,12 @@ def protocol_module(name: str, zoo: str = "tiny-lm"):
 
         return protocol(name)
     if zoo == "smollm2-arith":
-        if name != "long-to-short":
-            raise MergelabError(f"The smollm2-arith zoo holds only the long-to-short pair; run protocol {name!r} "
-                                "with --zoo smollm2 or --zoo tiny-lm.")
-        from mergelab.study import smollm2_arith
+        from mergelab.study.smollm2_arith import PROTOCOLS as ARITH
 
-        return smollm2_arith
+        if name not in ARITH:
+            raise MergelabError(f"The smollm2-arith zoo holds the long-to-short and the safety pair only; run "
+                                f"protocol {name!r} with --zoo smollm2 or --zoo tiny-lm.")
+        return ARITH[name]
     return importlib.import_module(PROTOCOLS[name])
 
 

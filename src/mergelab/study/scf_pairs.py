@@ -104,14 +104,24 @@ def pair_tasks(mixes: dict[str, dict[str, float]], pair: list[str]) -> list[str]
 
 
 def plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
+    """Every tiny-lm pair of ``PAIRS`` (``lm_plan``), then the vision family's Table 5."""
+    jobs, context = lm_plan(settings, "tiny-lm", PAIRS)
+    return jobs + _vision_jobs(settings, SIZES["quick" if settings.quick else "full"], context), context
+
+
+def lm_plan(settings: StudySettings, family_name: str, scenarios: tuple[str, ...]) -> tuple[list[Job], dict[str, Any]]:
+    """The language-model jobs on the pairs ``scenarios`` of ``family_name``'s plan (members named by task, each
+    with the ``mix`` of tasks it was trained on): the parents and every method of each pair, SCF-KL, the parent
+    gap, the α sweep and, with a ``safety`` pair, layer blocking of its SCF-RKL merge on each of its tasks."""
     from mergelab import zoo
 
     size = SIZES["quick" if settings.quick else "full"]
-    lm_plan = zoo.family_plan("tiny-lm", settings.size())
-    pairs = {name: list(lm_plan.scenarios[name]) for name in PAIRS}
-    mixes = {m.name: m.settings.get("mix", {}) for m in lm_plan.members}
+    family_plan = zoo.family_plan(family_name, settings.size())
+    pairs = {name: list(family_plan.scenarios[name]) for name in scenarios}
+    mixes = {m.name: m.settings.get("mix", {}) for m in family_plan.members}
     parents = sorted({m for pair in pairs.values() for m in pair} | {"base"})
-    family = zoo.require("tiny-lm", settings.size(), parents, settings.build_zoo, settings.device, settings.progress)
+    family = zoo.require(family_name, settings.size(), parents, settings.build_zoo, settings.device,
+                         settings.progress)
     base = family / "base"
     all_tasks = list(dict.fromkeys(t for pair in pairs.values() for t in pair_tasks(mixes, pair)))
     n = size["n_items"]
@@ -150,16 +160,18 @@ def plan(settings: StudySettings) -> tuple[list[Job], dict[str, Any]]:
             "parents": [f"parent/{name}" for name in ("base", first, second)],
             "methods": methods, "kl": f"{scenario}/{SCF_KL}", "gap": f"{scenario}/gap", "sweep": sweep,
         }
-    safety_first, _ = pairs["safety"]
-    safety_recipe = pair_recipes(base, *(family / m for m in pairs["safety"]))["scf_rkl"]
     context["blocking"] = []
-    for task in pair_tasks(mixes, pairs["safety"])[::-1]:  # the safety task first, as in Figure 11
-        label = f"safety/SCF-RKL blocking {task}"
-        context["blocking"].append([task, label])
-        jobs.append(Job(label=label, recipe=safety_recipe, blocking={
-            "base": str(family / safety_first), "task": task, "n_items": n, "batch_size": BATCH}))
-    jobs += _vision_jobs(settings, size, context)
+    if "safety" in pairs:
+        safety_first, _ = pairs["safety"]
+        safety_recipe = pair_recipes(base, *(family / m for m in pairs["safety"]))["scf_rkl"]
+        for task in pair_tasks(mixes, pairs["safety"])[::-1]:  # the safety task first, as in Figure 11
+            label = f"safety/SCF-RKL blocking {task}"
+            context["blocking"].append([task, label])
+            jobs.append(Job(label=label, recipe=safety_recipe, blocking={
+                "base": str(family / safety_first), "task": task, "n_items": n, "batch_size": BATCH}))
     return jobs, context
+
+
 
 
 def _vision_jobs(settings: StudySettings, size: dict[str, Any], context: dict[str, Any]) -> list[Job]:
@@ -234,7 +246,9 @@ def best(rows: list[list[Any]], column: int, among: int = 0) -> str:
 
 
 def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    pairs = {scenario: context["pairs"][scenario] for scenario in PAIRS}  # in the paper's order
+    """The tables and plots of the pairs the plan measured (in the paper's order), their layer blocking and the
+    vision merges where the plan has them."""
+    pairs = {scenario: context["pairs"][scenario] for scenario in PAIRS if scenario in context["pairs"]}
     tables, plots = [], []
     for scenario, ctx in pairs.items():
         table_, plot = _pair_table(scenario, ctx, results)
@@ -244,19 +258,23 @@ def analyse(context: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict
     plots.append(_repetition_plot(tables[-1]))
     geometry_tables = _geometry_tables(pairs, results)
     tables += geometry_tables
-    plots += _geometry_plots(pairs["complementary"], results, geometry_tables[0])
+    drawn = "complementary" if "complementary" in pairs else next(iter(pairs))  # the paper draws a complementary merge
+    plots += _geometry_plots(drawn, pairs[drawn], results, geometry_tables[0])
     tables.append(_kl_table(pairs, results))
     sweep = _sweep_table(pairs, context, results)
     tables.append(sweep)
     plots.append(_sweep_plot(pairs, context, sweep))
-    tables.append(_blocking_table(context["blocking"], results))
-    plots.append(_blocking_plot(tables[-1]))
-    tables.append(_vision_table(context["vision"], results))
-    plots.append(_vision_plot(tables[-1]))
+    if context["blocking"]:
+        tables.append(_blocking_table(context["blocking"], results))
+        plots.append(_blocking_plot(tables[-1]))
     notes = [f"M0 and M1 are a pair's first and second model: SCF-RKL and SCF-KL fuse M1 into M0 (Algorithm 1); "
              f"the baselines merge both task vectors into the pretrained base. {context['n_items']} held-out items "
-             f"per task, greedy decoding; vision: the `{context['vision']['size']}` vision family, the first "
-             f"{context['vision']['n_items']} test items of each task."]
+             "per task, greedy decoding."]
+    if "vision" in context:
+        tables.append(_vision_table(context["vision"], results))
+        plots.append(_vision_plot(tables[-1]))
+        notes.append(f"Vision: the `{context['vision']['size']}` vision family, the first "
+                     f"{context['vision']['n_items']} test items of each task.")
     return {"tables": tables, "plots": plots, "notes": notes}
 
 
@@ -402,13 +420,15 @@ def _geometry_tables(pairs: dict[str, Any], results) -> list[dict[str, Any]]:
     ]
 
 
-def _geometry_plots(ctx: dict[str, Any], results, provenance_table: dict[str, Any]) -> list[dict[str, Any]]:
-    """Figures 3, 4, 6 and 7 for the complementary pair (the paper draws them for one complementary merge)."""
+def _geometry_plots(scenario: str, ctx: dict[str, Any], results,
+                    provenance_table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Figures 3, 4, 6 and 7 for one pair (the paper draws them for one complementary merge)."""
     geo = pair_geometry(ctx, results)
     layers = [int(x) for x in geo[GAP]["layers"]]
-    rows = [r for r in provenance_table["rows"] if r[0] == shown("complementary")]
-    plots = [{"kind": "bar", "file": "provenance.png", "caption": "parameter provenance, complementary pair (Figure 7)",
-              "title": "Parameter provenance, complementary pair (Figure 7)", "groups": [r[1] for r in rows],
+    name = shown(scenario)
+    rows = [r for r in provenance_table["rows"] if r[0] == name]
+    plots = [{"kind": "bar", "file": "provenance.png", "caption": f"parameter provenance, {name} pair (Figure 7)",
+              "title": f"Parameter provenance, {name} pair (Figure 7)", "groups": [r[1] for r in rows],
               "series": {h.removesuffix(" %"): [r[i + 2] for r in rows]
                          for i, h in enumerate(provenance_table["header"][2:])}, "ylabel": "% of elements"}]
     curves = rotation_curves(ctx, results)
@@ -421,11 +441,11 @@ def _geometry_plots(ctx: dict[str, Any], results, provenance_table: dict[str, An
                       "xlabel": "principal angle index", "ylabel": "angle (deg)", "percent": False})
         plots.append({"kind": "line", "file": f"max_angle_{role.lower()}.png",
                       "caption": f"maximum principal angle against {role} per layer (Figure 6)",
-                      "title": f"Max principal angle vs {role} per layer, complementary pair (Figure 6)",
+                      "title": f"Max principal angle vs {role} per layer, {name} pair (Figure 6)",
                       "x": layers, "series": {n: g[role]["angle"] for n, g in geo.items() if g[role]},
                       "xlabel": "layer", "ylabel": "angle (deg)", "percent": False})
     plots.append({"kind": "line", "file": "nss.png", "caption": "normalised spectral shift against M0 (Figure 4)",
-                  "title": "NSS vs M0 per layer, complementary pair (Figure 4)", "x": layers,
+                  "title": f"NSS vs M0 per layer, {name} pair (Figure 4)", "x": layers,
                   "series": {n: g["M0"]["nss"] for n, g in geo.items()}, "xlabel": "layer", "ylabel": "NSS",
                   "percent": False})
     return plots
