@@ -172,8 +172,6 @@ def lm_plan(settings: StudySettings, family_name: str, scenarios: tuple[str, ...
     return jobs, context
 
 
-
-
 def _vision_jobs(settings: StudySettings, size: dict[str, Any], context: dict[str, Any]) -> list[Job]:
     """Table 5: the base and every expert scored on every task (for FT Avg), and the merges of all seven
     experts into the base."""
