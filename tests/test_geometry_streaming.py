@@ -1,6 +1,6 @@
-"""SLERP, Model Stock, Multi-SLERP and Karcher streamed in row blocks (issue 19): the Gram matrix of the statistics
-pass does not depend on how a tensor is split, so blocks, tiles and whole tensors give the same bytes, and the
-special cases (zero task vectors, (anti)parallel inputs) take the same branch in every block.
+"""SLERP, NuSLERP, Model Stock, Multi-SLERP and Karcher streamed in row blocks (issue 19): the Gram matrix of the
+statistics pass does not depend on how a tensor is split, so blocks, tiles and whole tensors give the same bytes,
+and the special cases (zero task vectors, (anti)parallel inputs) take the same branch in every block.
 
 References: exact rational arithmetic (``fractions``) for the Gram sums; the whole-tensor path (``TwoPass.whole``,
 itself checked against float64 numpy re-implementations in ``test_geometry.py`` and against mergekit in
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -117,12 +118,12 @@ def _one_row(vectors, r):
 
 
 def inputs(name: str, shape, dtype=torch.float32, seed=0):
-    """A base and the method's experts (one for slerp, three otherwise), near the base as fine-tunes are; Karcher
-    ignores the base, so gets None."""
+    """A base and the method's experts (one for slerp, two for nuslerp, three otherwise), near the base as
+    fine-tunes are; Karcher ignores the base, so gets None."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g, dtype=dtype)
     shared = 0.1 * torch.randn(shape, generator=g, dtype=dtype)
-    count = 1 if name == "slerp" else 3
+    count = {"slerp": 1, "nuslerp": 2}.get(name, 3)
     experts = [base + shared + 0.1 * torch.randn(shape, generator=g, dtype=dtype) for _ in range(count)]
     return (None if name == "karcher" else base), experts
 
@@ -196,6 +197,77 @@ def test_an_empty_tensor_stays_empty(name, params):
     base, experts = inputs(name, (0, 4))
     merged, _ = whole(name, base, experts, **params, **extras(params, (0, 4)))
     assert merged.shape == (0, 4)
+
+
+NUSLERP_STREAMED = [{"weight": [0.3, 0.7]}, {"weight": [1.0, 2.0], "nuslerp_flatten": False},
+                    {"weight": [1.0, -1.0], "nuslerp_flatten": False}]
+
+
+@pytest.mark.parametrize("params", NUSLERP_STREAMED)
+@pytest.mark.parametrize("shape", [(64, 48), (96,), ()])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_blocks_give_the_same_bits_as_the_whole_tensor(params, shape, with_base):
+    """The whole tensor flattened and the rows of a matrix stream: every block split gives the whole tensor's
+    bytes (a 1-D tensor's one vector is the whole of it, as without ``nuslerp_flatten``)."""
+    base, experts = inputs("nuslerp", shape, seed=len(shape))
+    assert_blocks_match("nuslerp", base if with_base else None, experts, **params)
+
+
+def straight_nuslerp(t, a, b, vectors_of):
+    """Shoemake's SLERP in float64, one pair of vectors at a time: ``vectors_of(x)`` lists a tensor's vectors as
+    index tuples into it."""
+    out = torch.empty_like(a, dtype=torch.float64)
+    for index in vectors_of(a):
+        x, y = a[index].double(), b[index].double()
+        cos = torch.dot(x, y) / (x.norm().clamp(min=1e-7) * y.norm().clamp(min=1e-7))
+        theta = torch.arccos(cos.clamp(-1, 1))
+        out[index] = (torch.sin((1 - t) * theta) * x + torch.sin(t * theta) * y) / torch.sin(theta)
+    return out
+
+
+@pytest.mark.parametrize("layout, shape", [("tensor", (6, 5)), ("rows", (6, 5)), ("columns", (6, 5)),
+                                           ("rows", (3, 4, 5)), ("columns", (3, 4, 5)), ("rows", (7,))])
+def test_nuslerp_is_slerp_of_each_vector(layout, shape):
+    """Against a float64 SLERP of each vector on its own: the whole tensor, each vector along the last dimension,
+    or each along the first (columns), about the base; 1-D tensors have one vector in every layout but columns."""
+    g = torch.Generator().manual_seed(len(shape))
+    base, a, b = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    params = {"weight": [2.0, 1.0], "nuslerp_flatten": layout == "tensor", "nuslerp_row_wise": layout == "columns"}
+    merged, _ = whole("nuslerp", base, [a, b], **params)
+    everything = [tuple(slice(None) for _ in shape)]
+    last = [(*i, slice(None)) for i in np.ndindex(*shape[:-1])]
+    first = [(slice(None), *i) for i in np.ndindex(*shape[1:])]
+    vectors_of = {"tensor": lambda x: everything, "rows": lambda x: last, "columns": lambda x: first}[layout]
+    if layout == "tensor":
+        expected = straight_nuslerp(1 / 3, (a - base).reshape(-1), (b - base).reshape(-1),
+                                    lambda x: [(slice(None),)]).reshape(shape)
+    else:
+        expected = straight_nuslerp(1 / 3, a - base, b - base, vectors_of)
+    torch.testing.assert_close(merged, base + expected, rtol=1e-12, atol=1e-12)
+
+
+def test_nuslerp_special_cases_in_blocks():
+    """Equal task vectors (parallel: linear, so the shared task vector), opposite ones (antiparallel: linear, so
+    (1 - 2t) of the first), a zero one (no direction: cos θ = 0, so the other scaled by sin(tπ/2)), row by row."""
+    g = torch.Generator().manual_seed(12)
+    base, delta = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(20, 6, generator=g,
+                                                                                    dtype=torch.float64)
+    for flatten in (True, False):
+        params = {"weight": [0.75, 0.25], "nuslerp_flatten": flatten}
+        merged, _ = assert_blocks_match("nuslerp", base, [base + delta, base + delta], **params)
+        torch.testing.assert_close(merged, base + delta, rtol=0, atol=1e-15)
+        merged, _ = assert_blocks_match("nuslerp", base, [base + delta, base - delta], **params)
+        torch.testing.assert_close(merged, base + 0.5 * delta, rtol=0, atol=1e-15)
+        merged, _ = assert_blocks_match("nuslerp", base, [base.clone(), base + delta], **params)
+        torch.testing.assert_close(merged, base + math.sin(0.25 * math.pi / 2) * delta, rtol=1e-15, atol=1e-15)
+
+
+def test_nuslerp_columns_refuse_a_block():
+    """Column mode needs every row: its statistics pass refuses a part of the tensor (the engine never gives one,
+    ``needs_whole``)."""
+    base, experts = inputs("nuslerp", (12, 5))
+    with pytest.raises(ValueError, match="whole tensor"):
+        blockwise("nuslerp", base, experts, 4, weight=[1.0, 1.0], nuslerp_flatten=False, nuslerp_row_wise=True)
 
 
 def test_multislerp_without_a_base_in_blocks():
@@ -286,6 +358,10 @@ ENGINE_CASES = {
                                 "models": [{"model": str(x), "parameters": {"weight": w}} for x, w in zip(e, (1, 3))]},
     "multislerp_no_base": lambda b, e: {"merge_method": "multislerp",
                                         "models": [{"model": str(x)} for x in (b, *e)]},
+    "nuslerp": lambda b, e: {"merge_method": "nuslerp", "base_model": str(b),
+                             "models": [{"model": str(x), "parameters": {"weight": w}} for x, w in zip(e, (1, 3))]},
+    "nuslerp_rows": lambda b, e: {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                                  "models": [{"model": str(x), "parameters": {"weight": 1}} for x in e]},
     "karcher": lambda b, e: {"merge_method": "karcher", "parameters": {"tol": 1e-7, "max_iter": 30},
                              "models": [{"model": str(x)} for x in (b, *e)]},
     "karcher_fisher": lambda b, e: {"merge_method": "karcher", "parameters": {"fisher_precondition": "diagonal"},

@@ -117,7 +117,7 @@ def test_the_engine_splits_every_tensor_but_the_in_layer_matrices(tmp_path, name
     for job in plan.jobs:
         run = execution(plan.method, job, options)
         call = MethodCall(torch.zeros(job.shape), [torch.zeros(job.shape)], job.info, {})
-        assert subspace.uses_spectrum(call) == plan.method.needs_whole(job.info, job.shape)
+        assert subspace.uses_spectrum(call) == plan.method.needs_whole(job.info, job.shape, job.params)
         if job.info.is_matrix_in_layer and len(job.shape) == 2:
             matrices += 1
             assert run.blocks is None and not run.tiled and not run.two_pass, job.name

@@ -4,15 +4,16 @@ reproduces). Each function takes the inputs already cast to the working dtype an
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 
 import torch
 
 from mergelab.errors import RecipeError
 from mergelab.mergekit_task_vectors import task_family
-from mergelab.methods.nuslerp import nuslerp as nuslerp_method
+from mergelab.methods.nuslerp import NORM_FLOOR, position
 from mergelab.methods.spec import MethodCall
+
+NUSLERP_COLINEAR_EPS = 1e-8  # mergekit's nuslerp: linear where 1 − cos² θ ≤ eps²
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
@@ -57,9 +58,36 @@ def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: MethodCa
     return out.reshape(base.shape)
 
 
+def slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mergekit's NuSLERP of each pair of vectors along the last dimension of ``a`` and ``b``, in their dtype: unit
+    vectors ``u / max(‖u‖, 1e-7)``, ``cos θ`` their clamped inner product,
+    ``(sin((1 − t) θ) a + sin(t θ) b) / sin θ``, linear where ``1 − cos² θ ≤ 1e-16``."""
+    unit_a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    unit_b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    cos_theta = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= NUSLERP_COLINEAR_EPS**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos_theta), cos_theta))
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return torch.where(colinear, (1 - t) * a + t * b, spherical)
+
+
+def nuslerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
+    """mergekit's SLERP of two tensors over the vectors the flags choose: all of it, rows, or (``row_wise``)
+    columns."""
+    if flatten:
+        return slerp_vectors(t, a.reshape(-1), b.reshape(-1)).reshape(a.shape)
+    if row_wise and a.dim() > 1:
+        return slerp_vectors(t, a.transpose(0, -1), b.transpose(0, -1)).transpose(0, -1)
+    return slerp_vectors(t, a, b)
+
+
 def nuslerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: MethodCall) -> torch.Tensor:
-    """mergelab's nuslerp (mergekit's formula) on the inputs in the working dtype."""
-    return nuslerp_method(replace(call, base=base, experts=experts))
+    """NuSLERP as mergekit computes it, in the working dtype, about the base when there is one."""
+    p = call.params
+    t, (first, second) = position(p["weight"]), experts
+    if base is None:
+        return nuslerp_tensors(t, first, second, p["nuslerp_row_wise"], p["nuslerp_flatten"])
+    return base + nuslerp_tensors(t, first - base, second - base, p["nuslerp_row_wise"], p["nuslerp_flatten"])
 
 
 def multislerp(base: torch.Tensor | None, experts: list[torch.Tensor], call: MethodCall) -> torch.Tensor:

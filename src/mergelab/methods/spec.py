@@ -163,7 +163,8 @@ class MethodSpec:
     inputs (and the parameters), so the engine may compute a large tensor in row blocks to bound memory.
     ``two_pass``: the method is elementwise given per-tensor statistics (``TwoPass``); the engine computes a
     large tensor in row blocks, streaming them once per statistics pass and once more to compute the output.
-    ``needs_whole(info, shape)``: the tensors (by their ``TensorInfo`` and whole shape) on which a method that
+    ``needs_whole(info, shape, params)``: the tensors (by their ``TensorInfo``, whole shape and resolved
+    parameters) on which a method that
     declares ``elementwise`` or ``two_pass`` needs the whole tensor at once all the same (the SVD methods'
     in-layer matrices); the engine takes those whole, in one piece, and runs the others as declared. The
     method's ``fn`` must choose its rule by the same predicate.
@@ -185,7 +186,7 @@ class MethodSpec:
     random: bool = False
     elementwise: bool = False
     two_pass: TwoPass | None = None
-    needs_whole: Callable[[TensorInfo, tuple[int, ...]], bool] | None = None
+    needs_whole: Callable[[TensorInfo, tuple[int, ...], dict[str, Any]], bool] | None = None
     prepare: Callable[..., ModelPass] | None = None
     finish: Callable[..., ModelPass] | None = None
     check_params: Callable[[dict[str, Any], str], None] | None = None

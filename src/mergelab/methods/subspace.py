@@ -15,6 +15,7 @@ those tensors (the embedding and LM head are the largest of a model) and takes o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,6 +37,11 @@ def spectral(info: TensorInfo, shape: tuple[int, ...]) -> bool:
     """Whether a tensor is a 2-D matrix in the layer stack, the tensors the SVD methods operate on (whole: an
     SVD needs every row); every other tensor gets an elementwise or row-block rule (the module docstring)."""
     return info.is_matrix_in_layer and len(shape) == 2
+
+
+def spectral_tensor(info: TensorInfo, shape: tuple[int, ...], params: dict[str, Any]) -> bool:
+    """The engine's ``needs_whole``: ``spectral``, whatever the parameters."""
+    return spectral(info, shape)
 
 
 def uses_spectrum(call: MethodCall) -> bool:
@@ -148,13 +154,13 @@ def _boosted(method: str, update_fn: Callable[[MethodCall], torch.Tensor], after
     return MethodSpec(name=name, fn=merge, params=(*unboosted.params, BETA),
                       citation=f"Skorobogat et al. 2025, Subspace Boosting, after {after}", base="required",
                       random=unboosted.random, elementwise=unboosted.elementwise, two_pass=unboosted.two_pass,
-                      needs_whole=spectral, check_params=unboosted.check_params)
+                      needs_whole=spectral_tensor, check_params=unboosted.check_params)
 
 
 def _svd_spec(name: str, fn: Callable[[MethodCall], MethodResult], citation: str, *params: Param) -> MethodSpec:
     """TSV-Merge or Iso-C(TS): the SVD rule on spectral tensors, the elementwise task-vector mean elsewhere."""
     return MethodSpec(name=name, fn=fn, params=(weight_param(), LAMBDA, *params), citation=citation,
-                      base="required", elementwise=True, needs_whole=spectral,
+                      base="required", elementwise=True, needs_whole=spectral_tensor,
                       check_params=weight_sum_check("task-vector mean"))
 
 

@@ -61,7 +61,7 @@ def execution(method: MethodSpec, job: TensorJob, options: MergeOptions) -> Exec
     are read once, whole, instead of once per pass), and random ones only on the CPU, where a generator draws the
     same numbers whether a tensor comes whole or in blocks (CUDA's draws depend on the launch shape).
     """
-    whole = method.needs_whole is not None and method.needs_whole(job.info, tuple(job.shape))
+    whole = method.needs_whole is not None and method.needs_whole(job.info, tuple(job.shape), job.params)
     elementwise = method.elementwise and not whole
     two_pass = not method.elementwise and method.two_pass is not None and not whole
     tiled, lanes = elementwise or two_pass, lanes_for(method, options)
