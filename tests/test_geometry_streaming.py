@@ -234,15 +234,13 @@ def test_nuslerp_is_slerp_of_each_vector(layout, shape):
     base, a, b = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
     params = {"weight": [2.0, 1.0], "nuslerp_flatten": layout == "tensor", "nuslerp_row_wise": layout == "columns"}
     merged, _ = whole("nuslerp", base, [a, b], **params)
-    everything = [tuple(slice(None) for _ in shape)]
-    last = [(*i, slice(None)) for i in np.ndindex(*shape[:-1])]
-    first = [(slice(None), *i) for i in np.ndindex(*shape[1:])]
-    vectors_of = {"tensor": lambda x: everything, "rows": lambda x: last, "columns": lambda x: first}[layout]
     if layout == "tensor":
         expected = straight_nuslerp(1 / 3, (a - base).reshape(-1), (b - base).reshape(-1),
                                     lambda x: [(slice(None),)]).reshape(shape)
     else:
-        expected = straight_nuslerp(1 / 3, a - base, b - base, vectors_of)
+        along = {"rows": [(*i, slice(None)) for i in np.ndindex(*shape[:-1])],
+                 "columns": [(slice(None), *i) for i in np.ndindex(*shape[1:])]}[layout]
+        expected = straight_nuslerp(1 / 3, a - base, b - base, lambda x: along)
     torch.testing.assert_close(merged, base + expected, rtol=1e-12, atol=1e-12)
 
 

@@ -86,7 +86,6 @@ class _NuSlerp(GramPass):
         super().__init__(info, params, shape, generator)
         self.layout = vector_layout(shape, params)
         self.t = position(params["weight"])
-        self.tensor_shape = shape
         if self.layout == "whole":
             self.shape = tuple(self.as_rows(torch.empty(shape, device="meta")).shape)
 
@@ -105,9 +104,10 @@ class _NuSlerp(GramPass):
         pair = self.pair(call)
         if self.layout != "whole":
             return pair
-        if tuple(pair[0].shape) != self.tensor_shape:
+        rows = [self.as_rows(v) for v in pair]
+        if tuple(rows[0].shape) != self.shape:
             raise ValueError(f"{self.name}: nuslerp's columns need the whole tensor, got a block of it")
-        return [self.as_rows(v) for v in pair]
+        return rows
 
     def solve(self, gram: RowGram) -> None:
         per_vector = self.layout != "tensor"
