@@ -8,19 +8,24 @@ and the squared gradient added: ``F = (1/N) Σ_i (∇L_i)²``. Gradients are per
 sequences' gradients and add their cross terms. The sequence NLL is a sum over tokens; a mean would multiply
 every entry by the same constant, which the per-layer coefficients (median-centred logs) do not see.
 
-Memory stays near one model plus one accumulator: each parameter's gradient is folded into its accumulator by a
-post-accumulate hook and dropped at once, so all gradients are never held together. Results are cached on disk
+Memory stays bounded: the model runs unit by unit from its checkpoint (``fisher_units``, ``streamed_lm``), one
+decoder layer's weights and gradients at a time, and each unit's squared gradients are added straight into the
+result file (``FisherFile``), which the consumers read one tensor at a time (``DiagonalFisher.stored``). A model
+that cannot run unit by unit is loaded whole (one float32 model plus one accumulator; each gradient is folded
+into its accumulator by a post-accumulate hook and dropped at once). Results are cached on disk
 (``$MERGELAB_CACHE/fisher`` or ``~/.cache/mergelab/fisher``) keyed by the model's fingerprint, sampled content
-hashes (``content_sample``) and the settings; the device is not part of the key (CPU and CUDA agree within
-float32 rounding).
+hashes (``content_sample``) and the settings; the device and the way it ran are not part of the key (they agree
+within float32 rounding).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,13 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.reader import ModelReader
+from mergelab.checkpoint.stored import StoredTensor
+from mergelab.checkpoint.writer import PlannedTensor, safetensors_header
 from mergelab.errors import CheckpointError, RecipeError
+from mergelab.fisher_units import sequence_nll, unit_fisher
+from mergelab.streamed_lm import StreamedLM, StreamingUnsupported, unloadable
+
+log = logging.getLogger("mergelab")
 
 CACHE_VERSION = 1
 MAX_SAMPLES = 4096
@@ -43,25 +54,92 @@ class FisherSettings:
     seed: int = 42
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiagonalFisher:
-    """Per-element Fisher (float32, CPU, by checkpoint tensor name) and how it was obtained."""
+    """Per-element Fisher (float32, by checkpoint tensor name) in its safetensors file, and how it was obtained."""
 
-    elements: dict[str, torch.Tensor]
+    path: Path
     settings: FisherSettings
     seconds: float
     cached: bool
-    path: Path | None
+
+    def names(self) -> set[str]:
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt") as handle:
+            return set(handle.keys())
+
+    def stored(self, name: str) -> StoredTensor:
+        """One tensor's Fisher, read when the tensor is merged."""
+        return StoredTensor(self.path, name)
 
     def layer_scores(self, names_by_layer: dict[int, list[str]]) -> dict[int, float]:
         """``F^l``: the mean Fisher entry over the named tensors of each layer (Algorithm 1, step 1)."""
+        present_names = self.names()
         scores = {}
         for layer, names in names_by_layer.items():
-            present = [self.elements[n] for n in names if n in self.elements]
-            total = sum(float(t.double().sum()) for t in present)
-            count = sum(t.numel() for t in present)
+            total, count = 0.0, 0
+            for name in names:
+                if name in present_names:
+                    tensor = self.stored(name).load()
+                    total, count = total + float(tensor.double().sum()), count + tensor.numel()
             scores[layer] = total / count if count else 0.0
         return scores
+
+
+class FisherFile:
+    """The Fisher being computed: a float32 safetensors file written as ``NAME.PID.tmp``, its tensors zero until
+    ``add`` sums into them (read, add, write back: one tensor in memory), renamed into place when its ``with``
+    block ends without an error, removed when it ends with one."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], settings: FisherSettings):
+        planned = [PlannedTensor(name, shape, torch.float32) for name, shape in shapes.items()]
+        header = safetensors_header(planned, {"format": "pt", "settings": json.dumps(asdict(settings))})
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        self.places: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.written: set[str] = set()
+        offset = len(header)
+        for tensor in planned:
+            self.places[tensor.name] = (offset, tensor.shape)
+            offset += tensor.nbytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, header, 0)
+        os.ftruncate(self.fd, offset)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        offset, shape = self.places[name]
+        value = value.detach().to("cpu", torch.float32).reshape(shape)
+        if name in self.written:  # a second part (a tied weight, a later chunk of sequences): read, add
+            stored = torch.empty(shape, dtype=torch.float32)
+            self._transfer(os.preadv, stored, offset)
+            value = stored.add_(value)
+        self._transfer(os.pwritev, value.contiguous(), offset)
+        self.written.add(name)
+
+    def _transfer(self, call: Callable[..., int], tensor: torch.Tensor, offset: int) -> None:
+        """Read or write all of a tensor's bytes at ``offset`` (one call moves at most about 2 GiB)."""
+        view = memoryview(tensor.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            moved = call(self.fd, [view[done:]], offset + done)
+            if moved <= 0:
+                raise OSError(f"{self.tmp}: short read or write at byte {offset + done}")
+            done += moved
+
+    def __enter__(self) -> FisherFile:
+        return self
+
+    def __exit__(self, kind: type | None, *_: Any) -> None:
+        """Complete: fsync and rename into place; failed or interrupted: remove the partial file."""
+        if kind is None:
+            os.fsync(self.fd)
+        os.close(self.fd)
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def cache_root() -> Path:
@@ -111,24 +189,12 @@ def load_causal_lm(folder: Path, device: str) -> torch.nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except Exception as error:  # noqa: BLE001 - any failure to build the model means the same to the user
-        raise CheckpointError(f"{folder}: transformers cannot load this model as a causal LM ({type(error).__name__}: "
-                              f"{str(error)[:200]}); FIM-Merging needs to run the base, use task_arithmetic or "
-                              "ties instead") from None
+        raise unloadable(folder, error) from None
     return model.to(device).eval()
 
 
-def sequence_nll(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``−log p(x)`` of each sequence in ``tokens`` (B, T): next-token NLL summed over positions, shape (B,)."""
-    logits = model(input_ids=tokens).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-    return nll.sum(dim=1)
-
-
-def compute_fisher(folder: Path, config: dict[str, Any], settings: FisherSettings, device: str = "cpu"
-                   ) -> dict[str, torch.Tensor]:
-    """``F = (1/N) Σ_i (∇_θ L_i)²`` over ``N`` random sequences, one backward pass per sequence (eq. 7)."""
-    check_settings(settings, config, folder)
-    tokens = random_tokens(settings, vocab_size(config, folder))
+def whole_model_fisher(folder: Path, tokens: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
+    """``F = (1/N) Σ_i (∇_θ L_i)²`` with the whole model in memory, one backward pass per sequence (eq. 7)."""
     model = load_causal_lm(folder, device)
     accumulators: dict[str, torch.Tensor] = {}
     hooks = []
@@ -138,17 +204,38 @@ def compute_fisher(folder: Path, config: dict[str, Any], settings: FisherSetting
         accumulators[name] = accumulator
 
         def fold(p: torch.Tensor, acc: torch.Tensor = accumulator) -> None:
-            acc.addcmul_(p.grad, p.grad, value=1.0 / settings.samples)
+            acc.addcmul_(p.grad, p.grad, value=1.0 / len(tokens))
             p.grad = None
 
         hooks.append(parameter.register_post_accumulate_grad_hook(fold))
     try:
         for row in tokens:
-            sequence_nll(model, row[None].to(device)).sum().backward()
+            tokens_row = row[None].to(device)
+            sequence_nll(model(input_ids=tokens_row, use_cache=False).logits, tokens_row).sum().backward()
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: acc.cpu() for name, acc in accumulators.items()}
+    return accumulators
+
+
+def compute_fisher(reader: ModelReader, settings: FisherSettings, path: Path, device: str = "cpu",
+                   streamed: bool = True) -> None:
+    """Write ``F = (1/N) Σ_i (∇_θ L_i)²`` over ``N`` random sequences (eq. 7) to ``path``: unit by unit from the
+    checkpoint (``fisher_units``) where the model allows, else (or with ``streamed=False``) the whole model."""
+    check_settings(settings, reader.config, reader.folder)
+    tokens = random_tokens(settings, vocab_size(reader.config, reader.folder))
+    if streamed:
+        try:
+            lm = StreamedLM(reader, device)
+            with FisherFile(path, {n: tuple(p.shape) for n, p in lm.model.named_parameters()}, settings) as output:
+                unit_fisher(lm, tokens, output.add)
+            return
+        except StreamingUnsupported as reason:
+            log.info("%s: the Fisher runs the whole model (%s)", reader.folder, reason)
+    elements = whole_model_fisher(reader.folder, tokens, device)
+    with FisherFile(path, {n: tuple(t.shape) for n, t in elements.items()}, settings) as output:
+        for name, value in elements.items():
+            output.add(name, value)
 
 
 def content_sample(reader: ModelReader, chunk: int = 1 << 20) -> list[str]:
@@ -173,23 +260,13 @@ def cache_key(reader: ModelReader, settings: FisherSettings) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def diagonal_fisher(reader: ModelReader, settings: FisherSettings = FisherSettings(), device: str = "cpu",
-                    use_cache: bool = True) -> DiagonalFisher:
+def diagonal_fisher(reader: ModelReader, settings: FisherSettings = FisherSettings(), device: str = "cpu"
+                    ) -> DiagonalFisher:
     """The base model's diagonal Fisher, from the on-disk cache when this model and these settings were seen."""
-    from safetensors.torch import load_file, save_file
-
     check_settings(settings, reader.config, reader.folder)
     path = cache_root() / f"{cache_key(reader, settings)}.safetensors"
-    if use_cache and path.exists():
-        return DiagonalFisher(load_file(path), settings, 0.0, True, path)
+    if path.exists():
+        return DiagonalFisher(path, settings, 0.0, True)
     started = time.perf_counter()
-    elements = compute_fisher(reader.folder, reader.config, settings, device)
-    seconds = time.perf_counter() - started
-    if not use_cache:
-        return DiagonalFisher(elements, settings, seconds, False, None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    metadata = {"settings": json.dumps(asdict(settings))}
-    save_file({n: t.contiguous() for n, t in elements.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return DiagonalFisher(elements, settings, seconds, False, path)
+    compute_fisher(reader, settings, path, device)
+    return DiagonalFisher(path, settings, time.perf_counter() - started, False)

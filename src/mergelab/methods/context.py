@@ -7,7 +7,8 @@ the context (``read``, ``causal_lm``, ``fisher``), so a method itself opens noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from mergelab.checkpoint.reader import ModelReader
 from mergelab.fisher import DiagonalFisher, FisherSettings, diagonal_fisher, load_causal_lm
 from mergelab.plan.data import Source, TensorJob
+from mergelab.streamed_lm import StreamedLM, StreamingUnsupported
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class ModelContext:
         """The random-token diagonal Fisher of one input model (cached on disk, ``mergelab.fisher``)."""
         return diagonal_fisher(self.readers[model], settings, self.device)
 
-    def causal_lm(self, reader: ModelReader) -> torch.nn.Module:
-        """A model folder as a float32 causal LM on the context's device, in eval mode."""
-        return load_causal_lm(reader.folder, self.device)
+    @contextmanager
+    def causal_lm(self, reader: ModelReader) -> Iterator[torch.nn.Module]:
+        """A model folder as a float32 causal LM on the context's device, in eval mode, whose units are read
+        from the checkpoint as they run (``streamed_lm``), or loaded whole where the model does not allow it."""
+        try:
+            lm = StreamedLM(reader, self.device)
+        except StreamingUnsupported:
+            yield load_causal_lm(reader.folder, self.device)
+            return
+        with lm.streaming():
+            yield lm.model

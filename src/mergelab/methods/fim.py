@@ -139,16 +139,17 @@ def prepare(context: ModelContext, *, method: str, elementwise_fisher: bool) -> 
     alpha_of = {lay: [e["alpha"][row] for e in experts] for row, lay in enumerate(layers)}
     outside = [e["outside_alpha"] for e in experts]
     extras: dict[str, dict[str, Any]] = {}
+    stored = fisher.names()
     for job in context.tensors:
         entry: dict[str, Any] = {"fim_alpha": alpha_of.get(job.info.layer, outside)}
-        if elementwise_fisher and job.info.layer is not None:
-            entry["fisher"] = fisher.elements.get(job.name)
+        if elementwise_fisher and job.info.layer is not None and job.name in stored:
+            entry["fisher"] = fisher.stored(job.name)
         extras[job.name] = entry
     record = {
         "score": mode, "layers": layers, "fisher_layer": [layer_fisher[lay] for lay in layers], "experts": experts,
         "fisher": {"samples": fisher.settings.samples, "length": fisher.settings.length,
                    "seed": fisher.settings.seed, "seconds": fisher.seconds, "cached": fisher.cached,
-                   "cache_file": str(fisher.path) if fisher.path else None},
+                   "cache_file": str(fisher.path)},
     }
     return ModelPass(extras=extras, record=record)
 

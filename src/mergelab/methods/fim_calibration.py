@@ -13,6 +13,7 @@ from mergelab.errors import RecipeError
 from mergelab.fisher import FisherSettings, random_tokens, vocab_size
 from mergelab.methods.context import ModelContext
 from mergelab.methods.spec import ModelPass
+from mergelab.streamed_lm import first_output, hidden_input, with_hidden_input
 
 RESIDUAL_WRITERS = ("attn_o", "mlp_down")
 
@@ -33,17 +34,17 @@ def layer_update_norms(model: torch.nn.Module, folder: Path, tokens: torch.Tenso
 
     def before(index: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden_input(args, kwargs)
             if replay is not None:
                 hidden = replay[len(seen) - 1][index].to(hidden)
-                args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+                args, kwargs = with_hidden_input(args, kwargs, hidden)
             seen[-1].append(hidden)
             return args, kwargs
         return hook
 
     def after(index: int):
         def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
+            out = first_output(output)
             squares[index] += float((out - seen[-1][index]).double().square().sum())
         return hook
 
@@ -70,10 +71,10 @@ def calibrate(context: ModelContext) -> ModelPass:
     base_reader, merged = context.readers[context.base], context.merged
     probes = random_tokens(FisherSettings(params["fisher_samples"], params["fisher_length"], params["fisher_seed"] + 1),
                            vocab_size(base_reader.config, base_reader.folder))
-    base_norms, base_inputs = layer_update_norms(context.causal_lm(base_reader), base_reader.folder, probes,
-                                                 context.device)
-    merged_norms, _ = layer_update_norms(context.causal_lm(merged), merged.folder, probes, context.device,
-                                         replay=base_inputs)
+    with context.causal_lm(base_reader) as model:
+        base_norms, base_inputs = layer_update_norms(model, base_reader.folder, probes, context.device)
+    with context.causal_lm(merged) as model:
+        merged_norms, _ = layer_update_norms(model, merged.folder, probes, context.device, replay=base_inputs)
     ratios = [m / b if b > 0 else 1.0 for m, b in zip(merged_norms, base_norms)]
     off = [lay for lay, ratio in enumerate(ratios) if ratio > 0 and abs(ratio - 1.0) > params["epsilon"]]
     scales = {job.name: 1.0 / ratios[job.info.layer] for job in context.tensors

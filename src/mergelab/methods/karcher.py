@@ -156,8 +156,8 @@ def karcher_prepare(context: ModelContext) -> ModelPass:
     if context.shared_params.get("fisher_precondition") != "diagonal":
         return ModelPass()
     fisher = context.fisher(context.reference, FisherSettings())
-    extras = {job.name: {"fisher": fisher.elements[job.name]} for job in context.tensors
-              if job.name in fisher.elements}
+    stored = fisher.names()
+    extras = {job.name: {"fisher": fisher.stored(job.name)} for job in context.tensors if job.name in stored}
     return ModelPass(extras=extras, record={"fisher_seconds": fisher.seconds, "fisher_model": context.reference,
                                             "tensors_preconditioned": len(extras)})
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mergelab.checkpoint.stored import StoredTensor
 from mergelab.errors import RecipeError
 from mergelab.methods.spec import BlockState, MethodCall
 from mergelab.stream.schedule import Piece, Run
@@ -37,6 +38,8 @@ class Tiles:
 
     def __init__(self, run: Run, piece: Piece, inputs: list[torch.Tensor], buffers: Buffers):
         self.run, self.piece, self.inputs = run, piece, inputs
+        self.extras = {key: value.load() if isinstance(value, StoredTensor) else value
+                       for key, value in run.extras.get(piece.job.name, {}).items()}
         options = run.options
         self.dtype = torch.float64 if options.float64 else torch.float32
         self.device = torch.device(options.device)
@@ -58,7 +61,7 @@ class Tiles:
         job = self.piece.job
         moved = self.cast(a, b)
         return MethodCall(moved[0] if job.base else None, moved[1:] if job.base else moved, job.info, job.params,
-                          generator, self.run.extras.get(job.name, {}))
+                          generator, self.extras)
 
 
 def observe_piece(run: Run, piece: Piece, inputs: list[torch.Tensor], state: BlockState, buffers: Buffers) -> None:
