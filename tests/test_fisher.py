@@ -116,10 +116,15 @@ def test_a_model_whose_units_are_no_chain_is_refused_by_the_unit_pass(tmp_path):
         unit_fisher(lm, random_tokens(FisherSettings(samples=1, length=6), 96), lambda name, value: None)
 
 
-def test_streamed_forward_gives_the_loaded_models_logits(tmp_path):
+@pytest.mark.parametrize("model", ["llama-tied", "qwen2-bf16"])
+def test_streamed_forward_gives_the_loaded_models_logits(model, tmp_path, monkeypatch):
+    """Bit for bit, with bf16 tensors converted a few rows at a time."""
     from transformers import AutoModelForCausalLM
 
-    folder = MODELS["llama-tied"](tmp_path / "m")
+    import mergelab.streamed_lm
+
+    monkeypatch.setattr(mergelab.streamed_lm, "READ_BYTES", 100)
+    folder = MODELS[model](tmp_path / "m")
     lm = StreamedLM(open_model(folder), "cpu")
     tokens = random_tokens(FisherSettings(samples=2, length=12), 96)
     with torch.no_grad(), lm.streaming():

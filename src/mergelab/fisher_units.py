@@ -139,6 +139,7 @@ def backward_chunk(lm: StreamedLM, chunk: list[Sequence], samples: int, add: Cal
                         total[rows] += rows_sum * rows_sum / samples
                         continue
                 total.addcmul_(grad, grad, value=1.0 / samples)
+            grads = grad = output = target = None  # dropped before the next sequence's are made: one at a time
             bar.update(1)
         lm.release(unit)
         for name, total in zip(names, sums):

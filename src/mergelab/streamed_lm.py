@@ -34,6 +34,9 @@ def unloadable(folder: Path, error: Exception) -> CheckpointError:
                            "metric need to run it, use task_arithmetic or ties instead")
 
 
+READ_BYTES = 64 << 20
+
+
 class StreamingUnsupported(Exception):
     """This model cannot run unit by unit from its checkpoint (the reason is the message)."""
 
@@ -131,14 +134,27 @@ class StreamedLM:
         """Read ``units[unit]``'s parameters from the checkpoint (float32, on the device), in ``slots`` order."""
         loaded = []
         for slot in self.slots[unit]:
-            value = self.reader.get(slot.checkpoint_name).to(self.device, torch.float32)
-            if tuple(value.shape) != slot.shape:
-                raise CheckpointError(f"{self.reader.folder}: tensor {slot.checkpoint_name} has shape "
-                                      f"{tuple(value.shape)} where config.json implies {slot.shape}; fix the "
-                                      "checkpoint or its config")
+            value = self.read_float32(slot)
             slot.module._parameters[slot.attribute] = param = torch.nn.Parameter(value, requires_grad=requires_grad)
             loaded.append(param)
         return loaded
+
+    def read_float32(self, slot: Slot) -> torch.Tensor:
+        """A slot's tensor in float32 on the device, converted ``READ_BYTES`` of the checkpoint at a time (a float32
+        tensor on the CPU is used in place: a copy-on-write mapping of the file)."""
+        name = slot.checkpoint_name
+        shape = self.reader.shape(name)
+        if shape != slot.shape:
+            raise CheckpointError(f"{self.reader.folder}: tensor {name} has shape {shape} where config.json implies "
+                                  f"{slot.shape}; fix the checkpoint or its config")
+        if not shape or (self.reader.dtype(name) == torch.float32 and torch.device(self.device).type == "cpu"):
+            return self.reader.get(name).to(self.device, torch.float32)
+        value = torch.empty(shape, dtype=torch.float32, device=self.device)
+        row_bytes = max(1, value[0].numel() * torch.empty(0, dtype=self.reader.dtype(name)).element_size())
+        step = max(1, READ_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            value[start: start + step].copy_(self.reader.get(name, rows=(start, min(start + step, shape[0]))))
+        return value
 
     def release(self, unit: int) -> None:
         """Put ``units[unit]``'s parameters back on ``meta``."""
