@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from mergelab.checkpoint.stored import StoredTensor
 from mergelab.errors import RecipeError
 from mergelab.methods.spec import BlockState, MethodCall
 from mergelab.stream.schedule import Piece, Run
@@ -38,8 +37,7 @@ class Tiles:
 
     def __init__(self, run: Run, piece: Piece, inputs: list[torch.Tensor], buffers: Buffers):
         self.run, self.piece, self.inputs = run, piece, inputs
-        self.extras = {key: value.load() if isinstance(value, StoredTensor) else value
-                       for key, value in run.extras.get(piece.job.name, {}).items()}
+        self.extras = run.extras.of(piece.job.name, piece.last and piece.pass_index is None)
         options = run.options
         self.dtype = torch.float64 if options.float64 else torch.float32
         self.device = torch.device(options.device)

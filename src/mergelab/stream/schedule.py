@@ -19,6 +19,7 @@ import torch
 
 from mergelab.methods.spec import BlockState, MethodSpec
 from mergelab.plan.data import MergePlan, TensorJob
+from mergelab.stream.extras import PieceExtras
 from mergelab.stream.options import MergeOptions, tensor_seed
 
 
@@ -80,14 +81,15 @@ def execution(method: MethodSpec, job: TensorJob, options: MergeOptions) -> Exec
 @dataclass(frozen=True)
 class Run:
     """One merge in flight: the plan, the options, the seed, each job's ``Execution``, the per-tensor extras
-    of the method's ``prepare`` pass (``MethodCall.extras``), the compute lanes, and whether the threads that
+    of the method's ``prepare`` pass (``MethodCall.extras``, read from disk per tensor by ``PieceExtras``), the
+    compute lanes, and whether the threads that
     compute run torch on one thread each (``tiles_on_cpu``)."""
 
     plan: MergePlan
     options: MergeOptions
     seed: int
     executions: dict[str, Execution]
-    extras: dict[str, dict[str, Any]]
+    extras: PieceExtras
     lanes: int
     one_thread: bool
 
@@ -100,7 +102,8 @@ class Run:
 
 def schedule(plan: MergePlan, options: MergeOptions, seed: int, extras: dict[str, dict[str, Any]]) -> Run:
     """Decide every job's execution once."""
-    return Run(plan, options, seed, {job.name: execution(plan.method, job, options) for job in plan.jobs}, extras,
+    return Run(plan, options, seed, {job.name: execution(plan.method, job, options) for job in plan.jobs},
+               PieceExtras(extras),
                lanes_for(plan.method, options), tiles_on_cpu(plan.method, options))
 
 
