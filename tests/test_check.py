@@ -65,3 +65,47 @@ def test_peak_memory_follows_the_pieces_the_engine_streams(tmp_path):
     assert estimate(960, "model_stock") > 5 * estimate(96, "model_stock")
     # one row block of three float32 inputs: read (3 pieces), computed (2 lanes); tiles and outputs on top
     assert small >= 512 * 4 * 3 * (3 + 2)
+
+
+def test_check_counts_the_fisher_pass_of_methods_that_take_one(tmp_path, capsys):
+    """FIM-Merging (the base's Fisher) and Karcher with the Fisher metric (the reference's) get a note with the
+    Fisher pass's memory: three float32 copies of the largest decoder layer or other tensor, counted here from the
+    checkpoint; methods without a Fisher get none."""
+    for vocab in (96, 400):  # a decoder layer outweighs the embedding, then the other way round
+        base, experts = make_family(tmp_path / str(vocab), 2, layers=2, vocab=vocab)
+        check_fisher_notes(tmp_path / str(vocab), base, experts, capsys)
+
+
+def check_fisher_notes(tmp_path, base, experts, capsys):
+    import re
+
+    from safetensors import safe_open
+
+    from mergelab.check import fisher_pass_bytes
+    from mergelab.config import parse_recipe
+    from mergelab.plan.build import build_plan
+    from mergelab.plan.sources import open_inputs
+
+    units: dict[str, int] = {}
+    with safe_open(base / "model.safetensors", "pt") as handle:
+        for name in handle.keys():
+            layer = re.search(r"\.layers\.(\d+)\.", name)
+            key = f"layer {layer.group(1)}" if layer else name
+            units[key] = units.get(key, 0) + handle.get_tensor(name).numel() * 4
+    recipes = {
+        "fim_ta": ({"merge_method": "fim_ta", "base_model": str(base)}, str(base)),
+        "karcher_fisher": ({"merge_method": "karcher", "parameters": {"fisher_precondition": "diagonal"}},
+                           str(experts[0])),
+        "karcher": ({"merge_method": "karcher"}, None),
+        "ties": ({"merge_method": "ties", "base_model": str(base)}, None),
+    }
+    for case, (recipe, fisher_model) in recipes.items():
+        recipe = {**recipe, "models": [{"model": str(e)} for e in experts]}
+        assert main(["check", str(write_recipe(tmp_path / f"{case}.yml", recipe)), "--no-similarity"]) == 0
+        notes = [line for line in capsys.readouterr().out.splitlines() if "diagonal Fisher of" in line]
+        if fisher_model is None:
+            assert notes == [], case
+            continue
+        assert len(notes) == 1 and f"Fisher of {fisher_model} runs first" in notes[0], case
+        parsed = parse_recipe(recipe)
+        assert fisher_pass_bytes(build_plan(parsed, open_inputs(parsed, None, False))) == 3 * max(units.values())

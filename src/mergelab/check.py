@@ -124,6 +124,17 @@ def peak_memory_bytes(plan: MergePlan, options: MergeOptions | None = None) -> i
     return peak
 
 
+def fisher_pass_bytes(plan: MergePlan) -> int:
+    """What the Fisher pass (``fisher_units``) holds at once beyond the interpreter (an estimate): three float32
+    copies (the weights, one sequence's gradients, the accumulator) of the largest unit it reads, a decoder layer
+    or a tensor outside the layers (a tied embedding and head count once: the same tensor)."""
+    units: dict[tuple[str, Any], int] = {}
+    for job in plan.jobs:
+        key = ("layer", job.info.layer) if job.info.layer is not None else ("tensor", job.name)
+        units[key] = units.get(key, 0) + torch.Size(job.shape).numel() * 4
+    return 3 * max(units.values(), default=0)
+
+
 def check(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = False, allow_mixed: bool = False,
           similarity: bool = True) -> CheckReport:
     report = CheckReport()
@@ -140,6 +151,12 @@ def check(recipe: Recipe, readers: dict[str, ModelReader], *, strict: bool = Fal
     report.notes += [f"warning: {w}" for w in plan.warnings]
     report.notes.append(f"expected output size {plan.output_bytes / 1e9:.3f} GB; expected peak memory about "
                         f"{peak_memory_bytes(plan) / 1e9:.3f} GB beyond the interpreter and libraries")
+    fisher_input = plan.method.fisher_of(plan.jobs[0].params) if plan.method.fisher_of and plan.jobs else None
+    if fisher_input is not None:
+        model = recipe.base_model if fisher_input == "base" else plan.reference
+        report.notes.append(f"the diagonal Fisher of {model} runs first, unit by unit, holding about "
+                            f"{fisher_pass_bytes(plan) / 1e9:.3f} GB at once (once per model and settings; later "
+                            "merges read it from the cache)")
     report.plan_text = describe(plan)
     if similarity:
         report.similarity = task_vector_similarity(plan)

@@ -205,7 +205,8 @@ CITATION = "FIM-Merging (data-free Fisher layer coefficients), Algorithm 1, Appe
 SPECS = (
     MethodSpec(name="fim_ta", fn=fim_ta, params=FIM_TA_PARAMS, citation=CITATION, base="required",
                elementwise=True, prepare=partial(prepare, method="fim_ta", elementwise_fisher=False),
-               finish=calibrate),
+               finish=calibrate, fisher_of=lambda params: "base"),
     MethodSpec(name="fim_ties", fn=fim_ties, params=FIM_TIES_PARAMS, citation=CITATION, base="required",
-               prepare=partial(prepare, method="fim_ties", elementwise_fisher=True), finish=calibrate),
+               prepare=partial(prepare, method="fim_ties", elementwise_fisher=True), finish=calibrate,
+               fisher_of=lambda params: "base"),
 )

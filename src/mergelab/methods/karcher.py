@@ -180,6 +180,7 @@ SPECS = (
         base="ignored",
         min_experts=2,
         prepare=karcher_prepare,
+        fisher_of=lambda params: "reference" if params.get("fisher_precondition") == "diagonal" else None,
         check_params=weight_sum_check("karcher"),
         two_pass=KARCHER,
     ),

@@ -170,6 +170,8 @@ class MethodSpec:
     method's ``fn`` must choose its rule by the same predicate.
     ``prepare``/``finish``: optional model-level passes (``ModelPass``) before and after streaming
     (FIM-Merging's Fisher, residual norm calibration); the per-tensor function stays pure.
+    ``fisher_of(params)``: which input's diagonal Fisher the ``prepare`` pass computes (``'base'`` or
+    ``'reference'``, None for none) given the shared parameters, so ``mergelab check`` can count that pass.
     ``check_params(params, where)``: the checks that involve several parameters together (DELLA's
     density ± epsilon, SCF's quantile order); the planner runs it once on each distinct set of resolved
     parameters, so a bad combination is refused before anything is written. It raises ``RecipeError`` naming
@@ -189,6 +191,7 @@ class MethodSpec:
     needs_whole: Callable[[TensorInfo, tuple[int, ...], dict[str, Any]], bool] | None = None
     prepare: Callable[..., ModelPass] | None = None
     finish: Callable[..., ModelPass] | None = None
+    fisher_of: Callable[[dict[str, Any]], str | None] | None = None
     check_params: Callable[[dict[str, Any], str], None] | None = None
     aliases_of: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
