@@ -143,15 +143,15 @@ class StreamedLM:
         """A slot's tensor in float32 on the device, converted ``READ_BYTES`` of the checkpoint at a time (a float32
         tensor on the CPU is used in place: a copy-on-write mapping of the file)."""
         name = slot.checkpoint_name
-        shape = self.reader.shape(name)
+        entry = self.reader.entries[name]
+        shape = entry.shape
         if shape != slot.shape:
             raise CheckpointError(f"{self.reader.folder}: tensor {name} has shape {shape} where config.json implies "
                                   f"{slot.shape}; fix the checkpoint or its config")
-        if not shape or (self.reader.dtype(name) == torch.float32 and torch.device(self.device).type == "cpu"):
+        if not shape or (entry.dtype == torch.float32 and torch.device(self.device).type == "cpu"):
             return self.reader.get(name).to(self.device, torch.float32)
         value = torch.empty(shape, dtype=torch.float32, device=self.device)
-        row_bytes = max(1, value[0].numel() * torch.empty(0, dtype=self.reader.dtype(name)).element_size())
-        step = max(1, READ_BYTES // row_bytes)
+        step = max(1, READ_BYTES // max(1, entry.row_bytes))
         for start in range(0, shape[0], step):
             value[start: start + step].copy_(self.reader.get(name, rows=(start, min(start + step, shape[0]))))
         return value
